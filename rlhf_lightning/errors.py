@@ -19,7 +19,7 @@ class DataError(RLHFError):
         super().__init__(" — ".join(parts))
 
 
-class ConfigError(RLHFError):
+class ConfigError(RLHFError, ValueError):
     """A configuration key is unknown, has the wrong type or an impossible value."""
 
 
