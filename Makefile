@@ -1,0 +1,36 @@
+# `make demo` runs the default job, `make test` the test suite; both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint format bench clean
+
+$(BIN)/activate:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# the CPU build of torch first: a plain `torch` requirement would pull a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+
+install: $(BIN)/activate
+
+demo: install
+	$(BIN)/python train.py
+
+test: install
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+bench: install
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python benchmarks/rm_throughput.py
+	$(BIN)/python benchmarks/policy_throughput.py
+	$(BIN)/python benchmarks/scaling.py
+
+clean:
+	rm -rf outputs multirun artifacts data wandb .pytest_cache

@@ -1,0 +1,105 @@
+"""Length-aware batching, dynamic padding and the truncation policy shared by SFT and the RM.
+
+Truncation policy (one place, documented in README): a sequence is `prompt + response`, at most
+`max_length` tokens. When too long, the prompt is cut from the LEFT (the words nearest the
+response are kept; BOS stays first), down to `max_length // 2` tokens at most; if still too long
+the response is cut from the RIGHT and its final EOS is kept, so the reward model always reads its
+score at the end-of-sequence token.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+
+def truncate(prompt: list[int], response: list[int], max_length: int, eos_id: int | None):
+    """Apply the truncation policy above; returns (prompt_ids, response_ids)."""
+    if len(prompt) + len(response) <= max_length:
+        return prompt, response
+    budget = max(max_length - len(response), min(len(prompt), max_length // 2))
+    if budget < len(prompt):
+        head = prompt[:1] if prompt else []
+        prompt = head + prompt[len(prompt) - (budget - len(head)) :] if budget > len(head) else head
+    room = max_length - len(prompt)
+    if len(response) > room:
+        ends_eos = eos_id is not None and response and response[-1] == eos_id
+        response = response[: room - 1] + [eos_id] if ends_eos else response[:room]
+    return prompt, response
+
+
+def pad(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest sequence: (ids [B, T], attention_mask [B, T])."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    return ids, mask
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of similar length (less padding), in a random order fixed by (seed, epoch).
+
+    Indices are shuffled, cut into mega-batches of `group * batch_size`, sorted by length inside
+    each, cut into batches, and the batches shuffled again. With `num_replicas > 1` each rank takes
+    every `num_replicas`-th batch, so ranks see disjoint data (the batch count is made equal).
+    `state_dict` records the epoch and how many batches were consumed, for exact mid-epoch resume.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        group: int = 50,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        self.lengths, self.batch_size, self.shuffle = list(lengths), batch_size, shuffle
+        self.seed, self.group = seed, group
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch, self.consumed = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+
+    def _all_batches(self) -> list[list[int]]:
+        order = list(range(len(self.lengths)))
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        if self.shuffle:
+            rng.shuffle(order)
+        span = self.group * self.batch_size
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start : start + span], key=lambda i: self.lengths[i])
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        if self.shuffle:
+            rng.shuffle(batches)
+        per_rank = math.ceil(len(batches) / self.num_replicas)
+        batches += batches[: per_rank * self.num_replicas - len(batches)]  # equal count per rank
+        return batches[self.rank :: self.num_replicas]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._all_batches()
+        while self.consumed < len(batches):
+            batch = batches[self.consumed]
+            self.consumed += 1
+            yield batch
+        self.epoch, self.consumed = self.epoch + 1, 0
+
+    def __len__(self) -> int:
+        return len(self._all_batches())
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.consumed = state["epoch"], state["consumed"]

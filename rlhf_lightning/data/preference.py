@@ -1,0 +1,99 @@
+"""`PreferenceDataModule`: (prompt, chosen, rejected) pairs → batches scored in one forward pass.
+
+A batch stacks the chosen sequences over the rejected ones: `input_ids` is [2B, T] with rows
+0..B-1 chosen and B..2B-1 rejected, so the reward model scores both in a single pass.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from rlhf_lightning.data.batching import LengthGroupedBatchSampler, pad, truncate
+from rlhf_lightning.data.encoding import encode_prompt, encode_response
+from rlhf_lightning.data.spec import DataSpec
+
+
+def encode_pair(tokenizer, record, max_length: int) -> dict:
+    """Token ids of both sides of one preference record, truncated by the shared policy."""
+    prompt = encode_prompt(tokenizer, record.prompt)
+    sides = {}
+    for side in ("chosen", "rejected"):
+        p, r = truncate(prompt, encode_response(tokenizer, getattr(record, side)), max_length,
+                        tokenizer.eos_token_id)
+        sides[side] = p + r
+    margin = record.margin if record.margin is not None else 0.0
+    return {**sides, "margin": float(margin)}
+
+
+class PreferenceCollator:
+    """Dynamic padding of encoded pairs into one [2B, T] batch (chosen rows first)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        ids, mask = pad([it["chosen"] for it in items] + [it["rejected"] for it in items], self.pad_id)
+        margin = torch.tensor([it["margin"] for it in items], dtype=torch.float32)
+        return {"input_ids": ids, "attention_mask": mask, "margin": margin}
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Preference pairs of a `DataSpec` for reward-model training and validation."""
+
+    def __init__(
+        self,
+        data: DataSpec,
+        tokenizer,
+        batch_size: int = 32,
+        max_length: int = 128,
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.data, self.tokenizer = data, tokenizer
+        self.batch_size, self.max_length = batch_size, max_length
+        self.seed, self.num_workers = seed, num_workers
+        self.datasets: dict[str, list[dict]] = {}
+        self.sampler: LengthGroupedBatchSampler | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in ("train", "val"):
+            if split not in self.datasets:
+                records = self.data.load("prefs", split, self.tokenizer).records
+                self.datasets[split] = [
+                    encode_pair(self.tokenizer, r, self.max_length) for r in records
+                ]
+
+    def train_dataloader(self) -> DataLoader:
+        train = self.datasets["train"]
+        world, rank = _world(self.trainer)
+        self.sampler = LengthGroupedBatchSampler(
+            [max(len(x["chosen"]), len(x["rejected"])) for x in train],
+            self.batch_size, shuffle=True, seed=self.seed, num_replicas=world, rank=rank,
+        )
+        return self._loader(train, self.sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        val = self.datasets["val"]
+        world, rank = _world(self.trainer)
+        sampler = LengthGroupedBatchSampler(
+            [max(len(x["chosen"]), len(x["rejected"])) for x in val],
+            self.batch_size, shuffle=False, num_replicas=world, rank=rank,
+        )
+        return self._loader(val, sampler)
+
+    def _loader(self, dataset, sampler) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=PreferenceCollator(self.tokenizer.pad_token_id),
+            num_workers=self.num_workers,
+        )
+
+
+def _world(trainer) -> tuple[int, int]:
+    if trainer is None:
+        return 1, 0
+    return trainer.world_size, trainer.global_rank

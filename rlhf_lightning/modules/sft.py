@@ -1,0 +1,59 @@
+"""`SFTModule`: supervised fine-tuning, next-token cross-entropy on response tokens only.
+
+    L(θ) = − Σ_t m_t log p_θ(y_t | u, y_<t) / Σ_t m_t,   m = response mask
+
+The result is the reference policy p_ref of the policy stage and the initial p_θ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from rlhf_lightning.losses.masked import masked_mean
+from rlhf_lightning.models.logprobs import sequence_logprobs
+
+
+class SFTModule(L.LightningModule):
+    """policy: an HF causal LM (passed in). optimizer/scheduler: partials as in RewardModelModule."""
+
+    def __init__(self, policy: nn.Module, optimizer: Callable, scheduler: Callable | None = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["policy", "optimizer", "scheduler"])
+        self.policy = policy
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.val_loss = MeanMetric()
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Mean negative log-likelihood of the response tokens of `batch`."""
+        logprobs = sequence_logprobs(
+            self.policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+        )
+        return -masked_mean(logprobs, batch["response_mask"])
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.val_loss.update(self(batch), weight=batch["response_mask"].sum())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/perplexity", loss.exp(), sync_dist=True)
+        self.val_loss.reset()
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.policy.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(
+            optimizer, num_training_steps=int(self.trainer.estimated_stepping_batches)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

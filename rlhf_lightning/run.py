@@ -1,0 +1,123 @@
+"""`run(cfg)`: the testable body of `train.py` — validate, then run the configured stages in order.
+
+Each stage builds data → module → callbacks → loggers → trainer in that order (STYLE.md) through
+a `RunContext`, which holds what stages share: the data source, the tokenizer, the model spec and
+the artifact paths. Every stage is its own wandb run, grouped under the pipeline or sweep name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from rlhf_lightning.config import validate
+from rlhf_lightning.data.spec import DataSpec
+from rlhf_lightning.models.factory import ModelSpec
+
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class RunContext:
+    """What the stages of one run share, built lazily from the composed config."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.data: DataSpec = instantiate(cfg.data)
+        self.model_spec: ModelSpec = instantiate(cfg.model)
+        self.artifacts_dir = Path(cfg.paths.artifacts_dir) / self.data.name
+        self.output_dir = Path(cfg.paths.output_dir)
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = self.model_spec.tokenizer(
+                self.data.corpus, cache_dir=self.artifacts_dir / "tokenizer"
+            )
+        return self._tokenizer
+
+    def artifact(self, stage: str) -> Path:
+        return self.artifacts_dir / stage
+
+    def ckpt_path(self, stage: str) -> str | None:
+        """`ckpt_path=last` resolves to this run dir's last checkpoint (only for the last stage)."""
+        path = self.cfg.get("ckpt_path")
+        if path is None or stage != self.cfg.stage.stages[-1]:
+            return None
+        return str(self.output_dir / "checkpoints" / "last.ckpt") if path == "last" else path
+
+    def trainer(self, stage: str, **overrides) -> L.Trainer:
+        callbacks = [instantiate(c) for c in (self.cfg.get("callbacks") or {}).values()]
+        callbacks = [c for c in callbacks if stage in getattr(c, "stages", (stage,))]
+        checkpoint = instantiate(self.cfg.checkpoint, dirpath=str(self.output_dir / "checkpoints"))
+        return instantiate(
+            self.cfg.trainer,
+            callbacks=[*callbacks, checkpoint],
+            logger=self._logger(stage),
+            **overrides,
+        )
+
+    def _logger(self, stage: str):
+        node = self.cfg.get("logger")
+        if not node or "_target_" not in node:
+            return False
+        if "WandbLogger" in node._target_:
+            group = node.get("group") or f"{self.data.name}-{self.output_dir.name}"
+            name = node.get("name") or stage
+            return instantiate(node, group=group, name=name, job_type=stage)
+        return instantiate(node, version=stage) if "CSVLogger" in node._target_ else instantiate(node)
+
+    @contextlib.contextmanager
+    def stage_run(self, stage: str) -> Iterator[None]:
+        """Seed, run a stage, and always close its wandb run so runs never share one."""
+        L.seed_everything(self.cfg.seed, workers=True, verbose=False)
+        try:
+            yield
+        finally:
+            _finish_wandb()
+
+
+def _finish_wandb() -> None:
+    import sys
+
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Run `cfg.stage.stages` in order; return the metric a sweeper optimises (or None)."""
+    validate(cfg)
+    from rlhf_lightning.stages import STAGE_RUNNERS
+
+    ctx = RunContext(cfg)
+    results: dict[str, dict] = {}
+    for stage in cfg.stage.stages:
+        with ctx.stage_run(stage):
+            results[stage] = STAGE_RUNNERS[stage](ctx)
+    _print_summary(ctx, results)
+    last = results[cfg.stage.stages[-1]]
+    return last.get("objective", last.get("accuracy"))
+
+
+def _print_summary(ctx: RunContext, results: dict[str, dict]) -> None:
+    print("\n== rlhf-lightning summary ==")
+    for stage, metrics in results.items():
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"[{stage}] {shown}")
+        if "artifact" in metrics:
+            print(f"[{stage}] model saved to {metrics['artifact']}")
+    print(f"run directory: {ctx.output_dir.resolve()}")
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,34 @@
+"""Stage `rm`: train the reward model on preference pairs, save it to `artifacts/<task>/rm`."""
+
+from __future__ import annotations
+
+from hydra.utils import instantiate
+
+from rlhf_lightning.artifacts import save_model_artifact
+from rlhf_lightning.data.preference import PreferenceDataModule
+
+
+def run_rm(ctx) -> dict:
+    """Bradley–Terry training; the artifact records the validation reward mean/std for normalising."""
+    cfg = ctx.cfg.rm
+    datamodule = PreferenceDataModule(
+        ctx.data, ctx.tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=ctx.cfg.seed
+    )
+    reward_model = ctx.model_spec.reward_model(ctx.tokenizer)
+    module = instantiate(
+        cfg.module, reward_model=reward_model, bayes_accuracy=ctx.data.bayes_accuracy("val")
+    )
+    trainer = ctx.trainer("rm", max_epochs=cfg.max_epochs)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ctx.ckpt_path("rm"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    result = {
+        "accuracy": metrics.get("val/accuracy", float("nan")),
+        "loss": metrics.get("val/loss", float("nan")),
+    }
+    if "val/bayes_accuracy" in metrics:
+        result["bayes_accuracy"] = metrics["val/bayes_accuracy"]
+    if trainer.is_global_zero:
+        manifest = {"stage": "rm", "reward_stats": module.reward_stats, "metrics": metrics}
+        result["sha256"] = save_model_artifact(reward_model, ctx.tokenizer, ctx.artifact("rm"), manifest)
+        result["artifact"] = str(ctx.artifact("rm"))
+    return result
