@@ -67,10 +67,6 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch, self.consumed = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.consumed = epoch, 0
-
     def _all_batches(self) -> list[list[int]]:
         order = list(range(len(self.lengths)))
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
@@ -88,12 +84,18 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return batches[self.rank :: self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
+        # A finished pass is noticed here, not after the last yield: loaders that know the length
+        # never resume the generator past its last batch.
         batches = self._all_batches()
+        if not self.shuffle:
+            self.consumed = 0
+        elif self.consumed >= len(batches):
+            self.epoch, self.consumed = self.epoch + 1, 0
+            batches = self._all_batches()
         while self.consumed < len(batches):
             batch = batches[self.consumed]
             self.consumed += 1
             yield batch
-        self.epoch, self.consumed = self.epoch + 1, 0
 
     def __len__(self) -> int:
         return len(self._all_batches())

@@ -30,7 +30,7 @@ class SFTModule(L.LightningModule):
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Mean negative log-likelihood of the response tokens of `batch`."""
-        logprobs = sequence_logprobs(
+        logprobs, _ = sequence_logprobs(
             self.policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"]
         )
         return -masked_mean(logprobs, batch["response_mask"])

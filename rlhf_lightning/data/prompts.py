@@ -1,0 +1,47 @@
+"""`PromptDataModule`: the prompt stream of the policy stage (a batch is a list of prompt strings).
+
+The order is a fixed shuffle per (seed, epoch), and the sampler records how far it got, so a resumed
+run continues the stream where it stopped. With several processes each rank draws its own prompts.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from rlhf_lightning.data.batching import LengthGroupedBatchSampler
+from rlhf_lightning.data.spec import DataSpec
+from rlhf_lightning.errors import DataError
+
+
+def _collate(prompts: list[str]) -> list[str]:
+    return list(prompts)
+
+
+class PromptDataModule(L.LightningDataModule):
+    def __init__(self, data: DataSpec, tokenizer, prompts_per_step: int = 16, seed: int = 0):
+        super().__init__()
+        self.data, self.tokenizer = data, tokenizer
+        self.prompts_per_step, self.seed = prompts_per_step, seed
+        self.prompts: dict[str, list[str]] = {}
+        self.sampler: LengthGroupedBatchSampler | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in ("train", "eval"):
+            if split not in self.prompts:
+                self.prompts[split] = [r.prompt for r in self.data.load("prompts", split).records]
+        if len(self.prompts["train"]) < self.prompts_per_step:
+            raise DataError(
+                f"{len(self.prompts['train'])} training prompts, fewer than "
+                f"policy.prompts_per_step={self.prompts_per_step}",
+                fix="lower policy.prompts_per_step or add prompts",
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        train = self.prompts["train"]
+        self.sampler = LengthGroupedBatchSampler(
+            [1] * len(train), self.prompts_per_step, shuffle=True, seed=self.seed, group=1,
+            num_replicas=world, rank=rank,
+        )
+        return DataLoader(train, batch_sampler=self.sampler, collate_fn=_collate)

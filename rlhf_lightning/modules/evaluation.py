@@ -1,0 +1,63 @@
+"""Evaluate a policy on held-out prompts: proxy reward, gold reward and KL to the reference.
+
+Shared by the end-of-stage summary and the evaluation callbacks, so every number of the form
+`eval/*` is computed one way: sample from the policy at the training temperature, score the text
+with the proxy (the reward being optimised) and, when the task has one, the gold reward; KL is the
+k1 estimate Σ_t log p_θ/p_ref over the policy's own samples (unbiased for KL(p_θ‖p_ref)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from rlhf_lightning.losses import kl_per_token, sequence_kl
+from rlhf_lightning.modules.rollout import decode_responses, forward_logprobs, sample
+
+
+@torch.no_grad()
+def sample_and_score(module, model, prompts: list[str], samples_per_prompt: int = 1,
+                     gold: Callable | None = None, batch_size: int = 64) -> dict:
+    """Responses of `model` to `prompts`, with per-sample proxy, gold, KL (k1 and k3) tensors [B]."""
+    gen = module.generation
+    out: dict[str, list] = {"prompts": [], "responses": [], "proxy": [], "gold": [], "kl": [],
+                            "kl_k3": [], "length": []}
+    per_call = max(1, batch_size // samples_per_prompt)
+    for start in range(0, len(prompts), per_call):
+        chunk = prompts[start : start + per_call]
+        ids, attn, mask, ended, _ = sample(model, module.tokenizer, chunk, samples_per_prompt, gen)
+        logp, _, _ = forward_logprobs(model, ids, attn, mask, gen.temperature, gen.allowed_token_ids)
+        ref, _, _ = forward_logprobs(module.reference, ids, attn, mask, gen.temperature,
+                                     gen.allowed_token_ids)
+        chunk_k = [p for p in chunk for _ in range(samples_per_prompt)]
+        responses = decode_responses(module.tokenizer, ids, mask)
+        out["prompts"] += chunk_k
+        out["responses"] += responses
+        out["proxy"].append(module.reward(chunk_k, responses).float().cpu())
+        if gold is not None:
+            out["gold"].append(torch.as_tensor(gold(chunk_k, responses), dtype=torch.float32))
+        out["kl"].append(sequence_kl(kl_per_token(logp, ref, "k1"), mask).cpu())
+        out["kl_k3"].append(sequence_kl(kl_per_token(logp, ref, "k3"), mask).cpu())
+        out["length"].append(mask.sum(-1).float().cpu())
+    for key in ("proxy", "gold", "kl", "kl_k3", "length"):
+        out[key] = torch.cat(out[key]) if out[key] else None
+    return out
+
+
+def evaluate_policy(module, prompts: list[str], gold: Callable | None, n_samples: int) -> dict:
+    """Final numbers of the policy stage: policy vs the SFT reference on held-out prompts."""
+    prompts = (prompts * (n_samples // max(len(prompts), 1) + 1))[:n_samples]
+    was_training = module.policy.training
+    after = sample_and_score(module, module.policy, prompts, gold=gold)
+    before = sample_and_score(module, module.reference, prompts, gold=gold)
+    module.policy.train(was_training)
+    result = {
+        "proxy_reward": float(after["proxy"].mean()),
+        "kl": float(after["kl"].mean()),
+        "sft_proxy_reward": float(before["proxy"].mean()),
+    }
+    if after["gold"] is not None:
+        result["gold_reward"] = float(after["gold"].mean())
+        result["sft_gold_reward"] = float(before["gold"].mean())
+    return result

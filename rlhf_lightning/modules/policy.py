@@ -1,0 +1,205 @@
+"""`PolicyModule`: optimise p_θ on E[r(u,y)] − β·KL(p_θ‖p_ref), with manual optimisation.
+
+Per step: prompts → sample k responses each (policy in eval mode, KV cache) → log p_old, log p_ref
+(once per rollout, no grad) → rewards from the frozen reward function (text in, scores out) →
+per-token KL → advantages by the algorithm → `epochs` passes over `minibatches` with the clipped
+surrogate → β controller update with the measured KL.
+
+The reference and reward model are frozen, in eval mode, outside the optimiser and outside the
+module's state dict (checkpoints hold the policy, value head, optimiser and β state only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch import nn
+
+from rlhf_lightning.control.beta import BetaController
+from rlhf_lightning.errors import NumericalError
+from rlhf_lightning.losses import masked_mean, ppo_policy_loss, ppo_value_loss, sequence_kl
+from rlhf_lightning.models.logprobs import entropy_from_logits
+from rlhf_lightning.modules.algorithm import Algorithm
+from rlhf_lightning.modules.rollout import (
+    GenerationSettings,
+    Rollout,
+    decode_responses,
+    forward_logprobs,
+    sample,
+)
+
+
+class PolicyModule(L.LightningModule):
+    """policy: HF causal LM (trained). reference: frozen copy of the SFT model. reward: a
+    `RewardFunction`. exact: for `algo=exact`, an `OracleEvaluator` giving the enumerated J(θ)."""
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        reference: nn.Module,
+        reward: Callable,
+        tokenizer,
+        algorithm: Algorithm,
+        beta_controller: BetaController,
+        optimizer: Callable,
+        generation: GenerationSettings,
+        kl_estimator: str = "k1",
+        kl_penalty: str = "token",
+        missing_eos_penalty: float | None = None,
+        max_grad_norm: float | None = 1.0,
+        exact=None,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        self.policy = policy
+        self.value_head = (
+            nn.Linear(policy.config.hidden_size, 1) if algorithm.uses_value_head else None
+        )
+        self._frozen = {"reference": reference.eval().requires_grad_(False), "reward": reward}
+        self.tokenizer, self.algorithm, self.beta = tokenizer, algorithm, beta_controller
+        self.optimizer_factory, self.generation = optimizer, generation
+        self.kl_estimator, self.kl_penalty = kl_estimator, kl_penalty
+        self.missing_eos_penalty, self.max_grad_norm = missing_eos_penalty, max_grad_norm
+        self.exact = exact
+
+    @property
+    def reference(self) -> nn.Module:
+        return self._frozen["reference"]
+
+    @property
+    def reward(self) -> Callable:
+        return self._frozen["reward"]
+
+    def on_fit_start(self) -> None:
+        self.reference.to(self.device)
+        if hasattr(self.reward, "to"):
+            self.reward.to(self.device)
+
+    def training_step(self, prompts: list[str], batch_idx: int) -> None:
+        if self.algorithm.name == "exact":
+            stats = self._exact_step()
+        else:
+            rollout = self.rollout(prompts)
+            stats = self._update(rollout)
+        self._check_finite(stats)
+        stats["train/beta"] = torch.tensor(self.beta.value)
+        kl = self.trainer.strategy.reduce(stats["train/kl"].detach(), reduce_op="mean")
+        self.beta.update(float(kl))
+        self.log_dict(stats, prog_bar=False, batch_size=len(prompts))
+        self.log("train/reward", stats["train/reward"], prog_bar=True, batch_size=len(prompts))
+
+    def configure_optimizers(self):
+        params = list(self.policy.parameters())
+        if self.value_head is not None:
+            params += list(self.value_head.parameters())
+        return self.optimizer_factory(params)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["beta_controller"] = self.beta.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "beta_controller" in checkpoint:
+            self.beta.load_state_dict(checkpoint["beta_controller"])
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[str]) -> Rollout:
+        """Sample `group_size` responses per prompt and score them (everything detached)."""
+        k, gen = self.algorithm.group_size, self.generation
+        ids, attn, resp_mask, ended, width = sample(self.policy, self.tokenizer, prompts, k, gen)
+        logprobs, logits, hidden = forward_logprobs(
+            self.policy, ids, attn, resp_mask, gen.temperature, gen.allowed_token_ids,
+            hidden=self.value_head is not None,
+        )
+        entropy = torch.cat([torch.zeros_like(logprobs[:, :1]), entropy_from_logits(
+            logits[:, :-1], gen.temperature, gen.allowed_token_ids)], 1) * resp_mask
+        del logits
+        ref_logprobs, _, _ = forward_logprobs(
+            self.reference, ids, attn, resp_mask, gen.temperature, gen.allowed_token_ids
+        )
+        prompts_k = [p for p in prompts for _ in range(k)]
+        responses = decode_responses(self.tokenizer, ids, resp_mask)
+        scores = self.reward(prompts_k, responses).to(self.device).float()
+        if self.missing_eos_penalty is not None:
+            scores = scores - self.missing_eos_penalty * (~ended).float()
+        values = self._values(hidden) if hidden is not None else None
+        return Rollout(
+            prompts=prompts_k, responses=responses, input_ids=ids, attention_mask=attn,
+            response_mask=resp_mask.float(), logprobs=logprobs, ref_logprobs=ref_logprobs,
+            scores=scores, ended=ended, entropy=entropy, values=values, prompt_width=width,
+        )
+
+    def _update(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        algo, beta, mask = self.algorithm, self.beta.value, rollout.response_mask
+        kl = algo.kl_tokens(rollout, self.kl_estimator)  # [B, T]
+        advantages, returns = algo.advantages(rollout, kl, beta, self.kl_penalty)
+        optimizer = self.optimizers()
+        seq_kl = sequence_kl(rollout.logprobs - rollout.ref_logprobs, mask)  # k1 per sequence [B]
+        stats = {
+            "train/reward": rollout.scores.mean(),
+            "train/kl": seq_kl.mean(),
+            "train/objective": (rollout.scores - beta * seq_kl).mean(),
+            "train/entropy": masked_mean(rollout.entropy, mask),  # nats per token
+            "train/response_length": mask.sum(-1).mean(),
+            "train/eos_rate": rollout.ended.float().mean(),
+        }
+        ppo_stats: dict[str, list[torch.Tensor]] = {"ppo/clipfrac": [], "ppo/approx_kl": []}
+        n = len(rollout.prompts)
+        for _ in range(algo.epochs):
+            order = torch.randperm(n, device=mask.device)
+            for idx in order.chunk(algo.minibatches):
+                mb = rollout.select(idx)
+                logprobs, _, hidden = forward_logprobs(
+                    self.policy, mb.input_ids, mb.attention_mask, mb.response_mask,
+                    self.generation.temperature, self.generation.allowed_token_ids,
+                    hidden=self.value_head is not None,
+                )
+                loss, clipfrac, approx_kl = ppo_policy_loss(
+                    logprobs, mb.logprobs, advantages[idx], mb.response_mask, algo.clip_range
+                )
+                if self.value_head is not None:
+                    value_loss, _ = ppo_value_loss(
+                        self._values(hidden), mb.values, returns[idx], mb.response_mask,
+                        algo.clip_range_value,
+                    )
+                    loss = loss + algo.vf_coef * value_loss
+                    ppo_stats.setdefault("ppo/value_loss", []).append(value_loss.detach())
+                self._step(optimizer, loss)
+                ppo_stats["ppo/clipfrac"].append(clipfrac)
+                ppo_stats["ppo/approx_kl"].append(approx_kl)
+        stats.update({k: torch.stack(v).mean() for k, v in ppo_stats.items()})
+        return stats
+
+    def _exact_step(self) -> dict[str, torch.Tensor]:
+        """Gradient ascent on the enumerated J(θ) (oracle tasks): the reference optimiser."""
+        table = self.exact.policy_logprobs(self.policy, self.generation.temperature)  # [P, N]
+        terms = self.exact.terms(table, self.beta.value)
+        self._step(self.optimizers(), -terms["objective"])
+        return {f"train/{k}": v.detach() for k, v in terms.items()}
+
+    def _step(self, optimizer, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise NumericalError(
+                f"loss is {loss.item()} at step {self.global_step}; the last good checkpoint is kept "
+                "(lower the learning rate, or raise beta)"
+            )
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        if self.max_grad_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm,
+                                gradient_clip_algorithm="norm")
+        optimizer.step()
+
+    def _values(self, hidden: torch.Tensor) -> torch.Tensor:
+        """V(s_t) aligned with log-probs: position t's value is read from hidden state t−1."""
+        v = self.value_head(hidden.float()).squeeze(-1)  # [B, T]
+        return torch.cat([torch.zeros_like(v[:, :1]), v[:, :-1]], dim=1)
+
+    def _check_finite(self, stats: dict[str, torch.Tensor]) -> None:
+        for key in ("train/reward", "train/kl", "train/objective"):
+            if key in stats and not torch.isfinite(stats[key]).all():
+                raise NumericalError(
+                    f"{key} is {stats[key].item()} at step {self.global_step}; the last good "
+                    "checkpoint is kept (check the reward model, lower the learning rate)"
+                )

@@ -1,0 +1,141 @@
+"""Rollouts: sample responses from the policy and compute what every algorithm needs from them.
+
+Layout: prompts are left-padded, responses right-padded after them, so a sequence row is
+`[pad… bos prompt | response… eos pad…]`, [B, Tp + Tr]. `response_mask` is 1 on response tokens
+up to and including the first EOS (explicit, no pad-token guessing). Position ids are computed
+from the attention mask, exactly as `generate` does, so scored log-probs equal sampled ones.
+Samples are grouped: rows g·k … g·k+k−1 are the k samples of prompt g.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from rlhf_lightning.data.encoding import encode_prompt
+from rlhf_lightning.models.logprobs import AllowedTokensLogitsProcessor, token_logprobs
+
+
+@dataclass
+class GenerationSettings:
+    """Sampling settings, recorded with the run; log-probs use the same temperature.
+
+    max_new_tokens: response length limit. min_new_tokens: fixed-length tasks set both.
+    allowed_token_ids: restrict sampling (and scoring) to these ids (enumerable tasks).
+    """
+
+    max_new_tokens: int = 32
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    allowed_token_ids: Tensor | None = None
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled responses and everything computed from them (all detached)."""
+
+    prompts: list[str]  # [B] prompt text (repeated k times, grouped)
+    responses: list[str]  # [B] decoded response text (without EOS)
+    input_ids: Tensor  # [B, T]
+    attention_mask: Tensor  # [B, T]
+    response_mask: Tensor  # [B, T] float, 1 on response tokens incl. EOS
+    logprobs: Tensor  # [B, T] log p_old at sampling time (0 outside the response)
+    ref_logprobs: Tensor  # [B, T] log p_ref
+    scores: Tensor  # [B] reward (incl. the no-EOS penalty)
+    ended: Tensor  # [B] bool: the response closed with EOS
+    entropy: Tensor  # [B, T] per-token entropy of p_old
+    values: Tensor | None = None  # [B, T] value estimates (PPO)
+    prompt_width: int = 0  # Tp: response tokens start at column Tp
+
+    def select(self, idx: Tensor) -> Rollout:
+        """The rows `idx` (a minibatch)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                out[f.name] = value[idx]
+            elif isinstance(value, list):
+                out[f.name] = [value[i] for i in idx.tolist()]
+            else:
+                out[f.name] = value
+        return Rollout(**out)
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions counted over real tokens only (left padding gets 0), as `generate` uses."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def forward_logprobs(model, input_ids, attention_mask, response_mask, temperature=1.0,
+                     allowed_token_ids=None, hidden: bool = False):
+    """Per-token log p of the response tokens [B, T] (0 elsewhere), the logits, and hidden states.
+
+    `logprobs[:, t]` is log p(input_ids[:, t] | input_ids[:, :t]) from `logits[:, t-1]`.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids(attention_mask), output_hidden_states=hidden)
+    shifted = token_logprobs(out.logits[:, :-1], input_ids[:, 1:], temperature, allowed_token_ids)
+    logprobs = torch.cat([torch.zeros_like(shifted[:, :1]), shifted], dim=1)  # [B, T]
+    logprobs = torch.where(response_mask.bool(), logprobs, torch.zeros_like(logprobs))
+    return logprobs, out.logits, (out.hidden_states[-1] if hidden else None)
+
+
+@torch.no_grad()
+def sample(policy, tokenizer, prompts: list[str], group_size: int, settings: GenerationSettings):
+    """Draw `group_size` responses per prompt with KV-cached batched generation.
+
+    Returns (input_ids [B, T], attention_mask [B, T], response_mask [B, T], ended [B], Tp) where
+    B = len(prompts)·group_size, Tp is the (left-padded) prompt width, and response tokens after
+    the first EOS are masked and padded.
+    """
+    device = next(policy.parameters()).device
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    width = max(len(e) for e in encoded)
+    pad_id = tokenizer.pad_token_id
+    prompt_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros_like(prompt_ids)
+    for i, ids in enumerate(encoded):  # left padding
+        prompt_ids[i, width - len(ids) :] = torch.tensor(ids)
+        prompt_mask[i, width - len(ids) :] = 1
+    processors = []
+    if settings.allowed_token_ids is not None:
+        processors.append(AllowedTokensLogitsProcessor(settings.allowed_token_ids))
+    was_training = policy.training
+    policy.eval()
+    out = policy.generate(
+        input_ids=prompt_ids.to(device),
+        attention_mask=prompt_mask.to(device),
+        do_sample=True,
+        temperature=settings.temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=settings.max_new_tokens,
+        min_new_tokens=settings.min_new_tokens,
+        num_return_sequences=group_size,
+        logits_processor=processors,
+        pad_token_id=pad_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    policy.train(was_training)
+    response = out[:, width:]  # [B, Tr]
+    is_eos = response == tokenizer.eos_token_id
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    response_mask = (~after_eos).long()
+    response = response.masked_fill(after_eos, pad_id)
+    ended = is_eos.any(-1)
+    prompt_mask = prompt_mask.to(device).repeat_interleave(group_size, dim=0)
+    input_ids = torch.cat([out[:, :width], response], dim=1)
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+    full_response_mask = torch.cat([torch.zeros_like(prompt_mask), response_mask], dim=1)
+    return input_ids, attention_mask, full_response_mask, ended, width
+
+
+def decode_responses(tokenizer, input_ids: Tensor, response_mask: Tensor) -> list[str]:
+    """Response text of each row (EOS and padding dropped)."""
+    texts = []
+    for ids, mask in zip(input_ids, response_mask, strict=True):
+        tokens = ids[mask.bool()].tolist()
+        texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
+    return texts

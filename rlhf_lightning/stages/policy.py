@@ -1,0 +1,79 @@
+"""Stage `policy`: RLHF against the frozen reward, from and towards the SFT reference.
+
+Reads `artifacts/<task>/sft` (reference and initial policy) and, for `reward=learned`,
+`artifacts/<task>/rm`; a missing artifact fails with the command that makes it. Saves the final
+policy to `artifacts/<task>/policy` (HF causal LM) and evaluates it against the SFT policy.
+"""
+
+from __future__ import annotations
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from rlhf_lightning.artifacts import content_hash, require_artifact, save_model_artifact
+from rlhf_lightning.data.prompts import PromptDataModule
+from rlhf_lightning.modules.algorithm import Algorithm
+from rlhf_lightning.modules.evaluation import evaluate_policy
+from rlhf_lightning.modules.policy import PolicyModule
+from rlhf_lightning.modules.rollout import GenerationSettings
+
+
+def build_policy_module(ctx) -> PolicyModule:
+    """Everything the policy stage trains with, from the config and the earlier artifacts."""
+    cfg = ctx.cfg
+    sft_path = require_artifact(ctx.artifact("sft"), "SFT", "python train.py stage=sft")
+    tokenizer = ctx.tokenizer
+    policy = ctx.model_spec.causal_lm(tokenizer, path=sft_path)
+    reference = ctx.model_spec.causal_lm(tokenizer, path=sft_path)
+    reward = instantiate(cfg.reward).setup(ctx)
+    task = ctx.data.task
+    generation = GenerationSettings(**OmegaConf.to_container(cfg.policy.generation))
+    exact = None
+    if task is not None and hasattr(task, "allowed_token_ids"):  # enumerable task
+        generation.allowed_token_ids = task.allowed_token_ids(tokenizer)
+        generation.min_new_tokens = generation.max_new_tokens = task.length
+        from rlhf_lightning.analysis.oracle import OracleEvaluator
+
+        exact = OracleEvaluator(task, tokenizer, reference, generation.temperature)
+    algo_cfg = OmegaConf.to_container(cfg.algo)
+    algo_cfg.pop("beta", None)
+    module = PolicyModule(
+        policy=policy,
+        reference=reference,
+        reward=reward,
+        tokenizer=tokenizer,
+        algorithm=Algorithm(**algo_cfg),
+        beta_controller=instantiate(cfg.kl_controller),
+        optimizer=instantiate(cfg.policy.optimizer),
+        generation=generation,
+        kl_estimator=cfg.kl.estimator,
+        kl_penalty=cfg.kl.penalty,
+        missing_eos_penalty=cfg.policy.missing_eos_penalty,
+        max_grad_norm=cfg.policy.max_grad_norm,
+        exact=exact,
+    )
+    module.identity = {"sft_sha256": content_hash(sft_path),
+                       "reward_sha256": getattr(reward, "sha256", None)}
+    return module
+
+
+def run_policy(ctx) -> dict:
+    cfg = ctx.cfg.policy
+    module = build_policy_module(ctx)
+    datamodule = PromptDataModule(ctx.data, module.tokenizer, cfg.prompts_per_step, ctx.cfg.seed)
+    trainer = ctx.trainer("policy", max_steps=cfg.steps, limit_val_batches=0)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ctx.ckpt_path("policy"))
+    result = {"beta": float(module.beta.value)}
+    if trainer.is_global_zero:
+        gold = getattr(ctx.data.task, "gold_reward", None)
+        with torch.no_grad():
+            final = evaluate_policy(module, datamodule.prompts["eval"], gold, cfg.eval_samples)
+        result.update(final)
+        if module.exact is not None:
+            result.update(module.exact.summary(module.policy, module.beta.value))
+        manifest = {"stage": "policy", "metrics": final, **module.identity}
+        result["sha256"] = save_model_artifact(module.policy, module.tokenizer,
+                                               ctx.artifact("policy"), manifest)
+        result["artifact"] = str(ctx.artifact("policy"))
+    return result
