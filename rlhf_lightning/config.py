@@ -13,6 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from rlhf_lightning.errors import ConfigError
+from rlhf_lightning.losses.kl import KL_ESTIMATORS
+from rlhf_lightning.modules.algorithm import ALGORITHMS
 
 STAGES = ("sft", "rm", "policy")
 
@@ -49,6 +51,24 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
     ("sft.batch_size", _positive_int, "an integer > 0"),
     ("sft.max_length", _positive_int, "an integer > 0"),
     ("sft.max_epochs", _positive_int, "an integer > 0"),
+    ("policy.steps", _positive_int, "an integer > 0"),
+    ("policy.prompts_per_step", _positive_int, "an integer > 0"),
+    ("policy.optimizer.lr", _positive, "a number > 0"),
+    ("policy.generation.temperature", _positive, "a number > 0"),
+    ("policy.generation.max_new_tokens", _positive_int, "an integer > 0"),
+    ("policy.eval_samples", _positive_int, "an integer > 0"),
+    ("algo.name", lambda x: x in ALGORITHMS, f"one of {list(ALGORITHMS)}"),
+    ("algo.beta", _non_negative, "a number >= 0"),
+    ("algo.group_size", _positive_int, "an integer > 0"),
+    ("algo.epochs", _positive_int, "an integer > 0"),
+    ("algo.minibatches", _positive_int, "an integer > 0"),
+    ("algo.clip_range", _positive, "a number > 0"),
+    ("kl.estimator", lambda x: x in KL_ESTIMATORS, f"one of {list(KL_ESTIMATORS)}"),
+    ("kl.penalty", lambda x: x in ("token", "sequence"), "'token' or 'sequence'"),
+    ("kl_controller.epsilon", _positive, "a number > 0 (the KL budget in nats)"),
+    ("kl_controller.target", _positive, "a number > 0 (the target KL in nats)"),
+    ("kl_controller.horizon", _positive_int, "an integer > 0"),
+    ("kl_controller.lr", _positive, "a number > 0"),
     ("data.val_fraction", _fraction, "a number in (0, 1)"),
     ("data.on_bad_row", lambda x: x in ("error", "skip"), "'error' or 'skip'"),
     ("data.max_chars", lambda x: x is None or _positive_int(x), "null or an integer > 0"),
@@ -69,6 +89,18 @@ def validate(cfg: DictConfig) -> None:
             continue
         if not check(value):
             raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+    _check_combinations(cfg)
+
+
+def _check_combinations(cfg: DictConfig) -> None:
+    """Rules that involve more than one key."""
+    name, k = _get(cfg, "algo.name"), _get(cfg, "algo.group_size")
+    if name in ("rloo", "grpo") and isinstance(k, int) and k < 2:
+        raise ConfigError(f"algo.group_size={k} is invalid for algo={name}: it needs >= 2 samples per prompt")
+    if name == "exact" and "policy" in (_get(cfg, "stage.stages") or []):
+        target = str(_get(cfg, "task._target_"))
+        if _get(cfg, "data._target_") and "TaskData" in str(_get(cfg, "data._target_")) and "Oracle" not in target:
+            raise ConfigError("algo=exact needs an enumerable task: use task=oracle")
 
 
 _ABSENT = object()

@@ -87,8 +87,9 @@ class PolicyModule(L.LightningModule):
         stats["train/beta"] = torch.tensor(self.beta.value)
         kl = self.trainer.strategy.reduce(stats["train/kl"].detach(), reduce_op="mean")
         self.beta.update(float(kl))
-        self.log_dict(stats, prog_bar=False, batch_size=len(prompts))
-        self.log("train/reward", stats["train/reward"], prog_bar=True, batch_size=len(prompts))
+        reward = stats.pop("train/reward")
+        self.log_dict(stats, batch_size=len(prompts))
+        self.log("train/reward", reward, prog_bar=True, batch_size=len(prompts))
 
     def configure_optimizers(self):
         params = list(self.policy.parameters())
