@@ -22,6 +22,7 @@ from rlhf_lightning.models.factory import ModelSpec
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 class RunContext:
@@ -97,7 +98,12 @@ def _finish_wandb() -> None:
 def run(cfg: DictConfig) -> float | None:
     """Run `cfg.stage.stages` in order; return the metric a sweeper optimises (or None)."""
     validate(cfg)
+    import transformers
+
     from rlhf_lightning.stages import STAGE_RUNNERS
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
     ctx = RunContext(cfg)
     results: dict[str, dict] = {}
