@@ -5,6 +5,7 @@ metric a sweeper optimises. Errors a user can cause print as one line, without a
 """
 
 import sys
+import traceback
 
 import hydra
 from omegaconf import DictConfig
@@ -20,7 +21,21 @@ def main(cfg: DictConfig) -> float | None:
         return run(cfg)
     except RLHFError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        if not _in_multirun():
+            sys.exit(2)
+    except Exception:
+        if not _in_multirun():
+            raise
+        traceback.print_exc()
+    # a failed job of a sweep: its result.json says so, the other jobs go on, the report marks it
+    return None
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 if __name__ == "__main__":

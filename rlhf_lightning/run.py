@@ -8,6 +8,7 @@ the artifact paths. Every stage is its own wandb run, grouped under the pipeline
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,8 +71,9 @@ class RunContext:
         if not node or "_target_" not in node:
             return False
         if "WandbLogger" in node._target_:
-            group = node.get("group") or f"{self.data.name}-{self.output_dir.name}"
-            name = node.get("name") or stage
+            sweep_group, sweep_name = sweep_names(stage)
+            group = node.get("group") or sweep_group or f"{self.data.name}-{self.output_dir.name}"
+            name = node.get("name") or sweep_name or stage
             return instantiate(node, group=group, name=name, job_type=stage)
         return instantiate(node, version=stage) if "CSVLogger" in node._target_ else instantiate(node)
 
@@ -107,12 +109,55 @@ def run(cfg: DictConfig) -> float | None:
 
     ctx = RunContext(cfg)
     results: dict[str, dict] = {}
-    for stage in cfg.stage.stages:
-        with ctx.stage_run(stage):
-            results[stage] = STAGE_RUNNERS[stage](ctx)
+    try:
+        for stage in cfg.stage.stages:
+            with ctx.stage_run(stage):
+                results[stage] = STAGE_RUNNERS[stage](ctx)
+    except BaseException as err:
+        write_result(ctx.output_dir, cfg, results, error=err)
+        raise
+    write_result(ctx.output_dir, cfg, results)
     _print_summary(ctx, results)
     last = results[cfg.stage.stages[-1]]
     return last.get("objective", last.get("accuracy"))
+
+
+def write_result(output_dir: Path, cfg: DictConfig, results: dict, error=None) -> None:
+    """`result.json` in the run dir: status, swept values and final metrics (read by the report)."""
+    record = {
+        "status": "failed" if error is not None else "completed",
+        "error": f"{type(error).__name__}: {error}" if error is not None else None,
+        "stages": list(cfg.stage.stages),
+        "overrides": _job_overrides(),
+        "beta": _float_or_none(OmegaConf.select(cfg, "algo.beta")),
+        "algo": OmegaConf.select(cfg, "algo.name"),
+        "results": {k: {m: v for m, v in r.items() if isinstance(v, float | int | str | list)}
+                    for k, r in results.items()},
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "result.json").write_text(json.dumps(record, indent=2))
+
+
+def _float_or_none(x):
+    return float(x) if isinstance(x, int | float) else None
+
+
+def _job_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def sweep_names(stage: str) -> tuple[str | None, str | None]:
+    """(group, name) for a job of a Hydra multirun: the sweep folder, the stage plus swept values."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None, None
+    hydra_cfg = HydraConfig.get()
+    swept = ",".join(o for o in hydra_cfg.overrides.task if not o.startswith(("paths.", "hydra")))
+    return f"sweep-{Path(hydra_cfg.sweep.dir).name}", f"{stage}[{swept}]"
 
 
 def _print_summary(ctx: RunContext, results: dict[str, dict]) -> None:

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from rlhf_lightning.analysis.optimum import (
     enumerated_logprobs,
+    optimal_frontier,
     expected_reward,
     kl_divergence,
     objective,
@@ -58,3 +59,9 @@ class OracleEvaluator:
             "reference_objective": float(objective(self.ref_logprobs, self.ref_logprobs,
                                                    self.rewards, beta)),
         }
+
+    def frontier(self, betas: list[float] | None = None) -> list[dict]:
+        """The exact optimal reward–KL frontier {(KL(p*_β‖p_ref), E_{p*_β}[r])} over a β grid."""
+        betas = betas or [float(b) for b in torch.logspace(-2, 1, 31)]
+        return [{k: float(v) for k, v in point.items()}
+                for point in optimal_frontier(self.ref_logprobs, self.rewards, betas)]

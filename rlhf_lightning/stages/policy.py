@@ -70,8 +70,11 @@ def run_policy(ctx) -> dict:
         with torch.no_grad():
             final = evaluate_policy(module, datamodule.prompts["eval"], gold, cfg.eval_samples)
         result.update(final)
+        # the objective the stage optimises, r − β·KL, at the final β (what sweeps maximise)
+        result["objective"] = final["proxy_reward"] - result["beta"] * final["kl"]
         if module.exact is not None:
             result.update(module.exact.summary(module.policy, module.beta.value))
+            result["frontier"] = module.exact.frontier()
         manifest = {"stage": "policy", "metrics": final, **module.identity}
         result["sha256"] = save_model_artifact(module.policy, module.tokenizer,
                                                ctx.artifact("policy"), manifest)

@@ -1,0 +1,203 @@
+"""Sweep report: one table row per job and the reward–KL pictures of a Hydra multirun.
+
+Written at the end of every multirun by `SweepReport` (a Hydra callback), or later with
+`python -m rlhf_lightning.report SWEEP_DIR`. Reads each job's `result.json` (see `run.write_result`);
+a job that failed, or died without one, is a row marked failed — the others are still reported.
+
+Files in the sweep dir: report.csv, report.md, frontier.png (proxy and gold vs KL, one point per
+job, with the exact optimal frontier under it on enumerable tasks) and overoptimisation.png (gold and
+proxy vs sqrt KL of every job, when jobs saved their evaluation curves).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+COLUMNS = ["job", "status", "overrides", "algo", "beta", "kl", "proxy_reward", "gold_reward",
+           "objective", "objective_star", "optimum_gap", "exact_kl", "exact_reward", "closure",
+           "closure_vs_exact", "error"]
+
+
+def collect(sweep_dir: Path) -> list[dict]:
+    """One dict per job folder (a folder holding `.hydra/`), sorted by job number."""
+    rows = []
+    for job in sorted((p for p in Path(sweep_dir).iterdir() if (p / ".hydra").is_dir()),
+                      key=lambda p: (len(p.name), p.name)):
+        path = job / "result.json"
+        if not path.exists():
+            rows.append({"job": job.name, "status": "failed", "error": "no result.json (killed?)"})
+            continue
+        record = json.loads(path.read_text())
+        last = record["results"].get(record["stages"][-1], {}) if record["results"] else {}
+        row = {"job": job.name, "status": record["status"], "error": record.get("error"),
+               "overrides": " ".join(record.get("overrides", [])), "algo": record.get("algo"),
+               "beta": last.get("beta", record.get("beta")), **_metrics(last)}
+        row["_frontier"] = last.get("frontier")
+        row["_curve"] = _curve(job)
+        rows.append(row)
+    _add_closures(rows)
+    return rows
+
+
+def _metrics(last: dict) -> dict:
+    keys = ["kl", "proxy_reward", "gold_reward", "objective", "objective_star", "optimum_gap",
+            "exact_kl", "exact_reward", "exact_objective", "reference_objective"]
+    return {k: last[k] for k in keys if k in last}
+
+
+def _curve(job: Path) -> list[dict] | None:
+    path = next(iter(job.rglob("overoptimisation.json")), None)
+    return json.loads(path.read_text()) if path else None
+
+
+def _add_closures(rows: list[dict]) -> None:
+    """closure = (J − J_ref)/(J* − J_ref); closure_vs_exact = closure / closure of algo=exact at β."""
+    for row in rows:
+        if {"exact_objective", "objective_star", "reference_objective"} <= row.keys():
+            gap = row["objective_star"] - row["reference_objective"]
+            row["closure"] = (row["exact_objective"] - row["reference_objective"]) / gap
+    exact = {r["beta"]: r["closure"] for r in rows if r.get("algo") == "exact" and "closure" in r}
+    for row in rows:
+        if "closure" in row and exact.get(row.get("beta")):
+            row["closure_vs_exact"] = row["closure"] / exact[row["beta"]]
+
+
+def write_report(sweep_dir: Path) -> dict[str, Path]:
+    """Write the table and plots into `sweep_dir`; return their paths."""
+    sweep_dir = Path(sweep_dir)
+    rows = collect(sweep_dir)
+    paths = {"csv": sweep_dir / "report.csv", "md": sweep_dir / "report.md"}
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    paths["md"].write_text(_markdown(rows))
+    paths["frontier"] = _plot_frontier(rows, sweep_dir / "frontier.png")
+    if any(r.get("_curve") for r in rows):
+        paths["overoptimisation"] = _plot_curves(rows, sweep_dir / "overoptimisation.png")
+    print(f"[report] {len(rows)} jobs ({sum(r['status'] != 'completed' for r in rows)} failed) "
+          f"→ {paths['md']}")
+    return paths
+
+
+def best_gold(rows: list[dict]) -> dict | None:
+    done = [r for r in rows if r["status"] == "completed" and r.get("gold_reward") is not None]
+    return max(done, key=lambda r: r["gold_reward"]) if done else None
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _markdown(rows: list[dict]) -> str:
+    shown = [c for c in COLUMNS if any(r.get(c) not in (None, "") for r in rows)]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in shown) + " |" for r in rows]
+    best = best_gold(rows)
+    if best is not None:
+        lines += ["", f"Best gold reward: β = {_fmt(best.get('beta'))} (job {best['job']}, "
+                      f"gold {best['gold_reward']:.4g}, KL {best.get('kl', float('nan')):.4g})."]
+    failed = [r["job"] for r in rows if r["status"] != "completed"]
+    if failed:
+        lines += ["", f"Failed jobs: {', '.join(failed)} (see their run dirs)."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_frontier(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = sorted((r for r in rows if r["status"] == "completed"), key=lambda r: r.get("beta") or 0)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    exact = [r for r in done if "exact_kl" in r]
+    if exact:  # enumerable task: exact (KL, E[r]) of each job, under the optimal frontier
+        frontier = next((r["_frontier"] for r in done if r.get("_frontier")), None)
+        if frontier:
+            ax.plot([p["kl"] for p in frontier], [p["reward"] for p in frontier], "k-",
+                    label="optimal frontier (p*_β)")
+        ax.plot([r["exact_kl"] for r in exact], [r["exact_reward"] for r in exact], "o",
+                label="jobs (exact)")
+    else:
+        ax.plot([r.get("kl") for r in done], [r.get("proxy_reward") for r in done], "o-",
+                label="proxy reward")
+        if any(r.get("gold_reward") is not None for r in done):
+            ax.plot([r.get("kl") for r in done], [r.get("gold_reward") for r in done], "s-",
+                    label="gold reward")
+    for r in done:
+        x = r.get("exact_kl", r.get("kl"))
+        y = r.get("exact_reward", r.get("proxy_reward"))
+        if x is not None and y is not None and r.get("beta") is not None:
+            ax.annotate(f"β={r['beta']:g}", (x, y), fontsize=7)
+    ax.set_xlabel("KL(p_θ ‖ p_ref) [nats]")
+    ax.set_ylabel("reward")
+    ax.set_title("reward–KL frontier of the sweep")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_curves(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        curve = r.get("_curve") or {}
+        points = curve.get("points", [])
+        if not points:
+            continue
+        d = [math.sqrt(max(p["kl"], 0.0)) for p in points]
+        label = f"β={r.get('beta')}"
+        ax.plot(d, [p["proxy"] for p in points], "--", label=f"proxy {label}")
+        if all(p.get("gold") is not None for p in points):
+            ax.plot(d, [p["gold"] for p in points], "-", label=f"gold {label}")
+    bon = next(((r.get("_curve") or {}).get("best_of_n") for r in rows
+                if (r.get("_curve") or {}).get("best_of_n")), None)
+    if bon:
+        ax.plot([math.sqrt(p["kl"]) for p in bon], [p["gold"] for p in bon], "k:", label="best-of-n gold")
+    ax.set_xlabel("sqrt KL(p_θ ‖ p_ref)")
+    ax.set_ylabel("reward")
+    ax.set_title("over-optimisation: proxy vs gold")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+class SweepReport(Callback):
+    """Hydra callback: write the report when a multirun ends (even if some jobs failed)."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        rows = collect(Path(config.hydra.sweep.dir))
+        write_report(Path(config.hydra.sweep.dir))
+        failed = [r["job"] for r in rows if r["status"] != "completed"]
+        if failed:  # the report is written; the exit status still says the sweep was not clean
+            raise SystemExit(f"{len(failed)} of {len(rows)} sweep jobs failed: {', '.join(failed)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or not Path(argv[0]).is_dir():
+        print("usage: python -m rlhf_lightning.report SWEEP_DIR", file=sys.stderr)
+        return 2
+    write_report(Path(argv[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
