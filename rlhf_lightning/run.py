@@ -59,12 +59,15 @@ class RunContext:
         callbacks = [instantiate(c) for c in (self.cfg.get("callbacks") or {}).values()]
         callbacks = [c for c in callbacks if stage in getattr(c, "stages", (stage,))]
         checkpoint = instantiate(self.cfg.checkpoint, dirpath=str(self.output_dir / "checkpoints"))
-        return instantiate(
+        trainer = instantiate(
             self.cfg.trainer,
             callbacks=[*callbacks, checkpoint],
             logger=self._logger(stage),
             **overrides,
         )
+        for logger in trainer.loggers:  # the whole composed config, so runs can be compared
+            logger.log_hyperparams(to_dict(self.cfg))
+        return trainer
 
     def _logger(self, stage: str):
         node = self.cfg.get("logger")

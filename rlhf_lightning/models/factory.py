@@ -63,22 +63,23 @@ class ModelSpec:
     def tokenizer(
         self, corpus: Callable[[], Iterable[str]], cache_dir: Path
     ) -> PreTrainedTokenizerBase:
-        """The tokenizer: loaded from `cache_dir` when saved there, else built (tiny) or loaded (HF).
+        """The tokenizer of the spec's model.
 
-        For the tiny model it is trained once on `corpus()` and saved to `cache_dir`, so every stage
-        of a task shares the same ids. A pretrained tokenizer without a pad token gets one.
+        Tiny model: trained once on `corpus()` and saved to `cache_dir`, so every stage of a task
+        shares the same ids. Pretrained: loaded from `name_or_path` (a pad token is added when it
+        has none; the embeddings grow to match).
         """
-        if (cache_dir / "tokenizer_config.json").exists():
-            return AutoTokenizer.from_pretrained(cache_dir)
-        if self.is_tiny:
-            tokenizer = build_tokenizer(corpus(), vocab_size=self.vocab_size)
-        else:
+        if not self.is_tiny:  # a pretrained tokenizer belongs to its checkpoint: never cached
             tokenizer = AutoTokenizer.from_pretrained(
                 self.name_or_path, trust_remote_code=self.trust_remote_code
             )
             if tokenizer.pad_token is None:
                 tokenizer.add_special_tokens({"pad_token": PAD})
-        tokenizer.padding_side = "right"
+            tokenizer.padding_side = "right"
+            return tokenizer
+        if (cache_dir / "tokenizer_config.json").exists():
+            return AutoTokenizer.from_pretrained(cache_dir)
+        tokenizer = build_tokenizer(corpus(), vocab_size=self.vocab_size)
         _save_atomic(tokenizer, cache_dir)
         return tokenizer
 

@@ -90,6 +90,9 @@ class RewardModelModule(L.LightningModule):
         if self.hparams.bayes_accuracy is not None:
             self.log("val/bayes_accuracy", float(self.hparams.bayes_accuracy))
 
+    def on_fit_start(self) -> None:
+        self.reward_model.train()  # `from_pretrained` returns eval mode; dropout belongs to training
+
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.reward_model.parameters())
         if self.scheduler_factory is None:

@@ -49,6 +49,9 @@ class SFTModule(L.LightningModule):
         self.log("val/perplexity", loss.exp(), sync_dist=True)
         self.val_loss.reset()
 
+    def on_fit_start(self) -> None:
+        self.policy.train()  # `from_pretrained` returns eval mode; dropout belongs to training
+
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.policy.parameters())
         if self.scheduler_factory is None:

@@ -1,0 +1,152 @@
+"""End-to-end `stage=rm` on the TINY config: the artifact, its reload by transformers alone, the
+validation metrics recomputed from it, determinism, and the `train.py` command line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TINY, train_cli, with_paths
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from rlhf_lightning.artifacts import MANIFEST, content_hash
+from rlhf_lightning.data.encoding import encode_prompt, encode_response
+from rlhf_lightning.rewards.learned import LearnedReward
+from rlhf_lightning.run import RunContext, run
+
+VAL_KEYS = (
+    "val/loss",
+    "val/accuracy",
+    "val/margin",
+    "val/reward_chosen",
+    "val/reward_rejected",
+    "val/bayes_accuracy",
+)
+
+
+@pytest.fixture(scope="module")
+def rm_run(tiny_cfg_base, tmp_path_factory):
+    """One TINY reward-model run shared by this module: (cfg, returned metric, artifact dir)."""
+    cfg = with_paths(tiny_cfg_base, tmp_path_factory.mktemp("rm_run"))
+    accuracy = run(cfg)
+    return cfg, accuracy, Path(cfg.paths.artifacts_dir) / "reviews" / "rm"
+
+
+def transformers_scores(artifact: Path, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    """Scores as a user gets them with transformers alone: tokenizer(prompt + response)."""
+    tokenizer = AutoTokenizer.from_pretrained(artifact)
+    model = AutoModelForSequenceClassification.from_pretrained(artifact).eval()
+    texts = [p + r for p, r in zip(prompts, responses, strict=True)]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch).logits[:, 0]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_artifact_holds_model_tokenizer_and_manifest(rm_run):
+    cfg, accuracy, artifact = rm_run
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (artifact / name).is_file(), name
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    assert manifest["stage"] == "rm"
+    assert manifest["sha256"] == content_hash(artifact)
+    stats = manifest["reward_stats"]
+    assert math.isfinite(stats["mean"]) and stats["std"] > 0
+    metrics = manifest["metrics"]
+    assert all(math.isfinite(metrics[key]) for key in VAL_KEYS)
+    assert 0.0 <= metrics["val/accuracy"] <= 1.0
+    assert accuracy == pytest.approx(metrics["val/accuracy"])  # what run() hands a sweeper
+    card = json.loads((Path(cfg.paths.data_dir) / "reviews" / "card.json").read_text())
+    assert metrics["val/bayes_accuracy"] == pytest.approx(card["bayes_accuracy"]["val"], abs=1e-6)
+    assert AutoConfig.from_pretrained(artifact).num_labels == 1  # a scalar-head classifier
+
+
+def test_transformers_alone_scores_like_the_framework(rm_run):
+    cfg, _, artifact = rm_run
+    rows = read_jsonl(Path(cfg.paths.data_dir) / "reviews" / "prefs_val.jsonl")[:4]
+    prompts = [r["prompt"] for r in rows] * 2 + ["review of it :"]
+    responses = [r["chosen"] for r in rows] + [r["rejected"] for r in rows] + [" great great ."]
+    reward = LearnedReward(path=str(artifact)).setup(RunContext(cfg))
+    expected = reward.raw(prompts, responses)  # [9], the framework's own encoding
+    alone = transformers_scores(artifact, prompts, responses)
+    torch.testing.assert_close(alone, expected, atol=1e-5, rtol=0)
+    assert expected.std() > 0  # different texts score differently: the test can tell them apart
+    stats = json.loads((artifact / MANIFEST).read_text())["reward_stats"]
+    normalised = (expected - stats["mean"]) / stats["std"]
+    torch.testing.assert_close(reward(prompts, responses), normalised, atol=1e-5, rtol=1e-5)
+    # The same ids: `<s> prompt response </s>` either way.
+    tokenizer = AutoTokenizer.from_pretrained(artifact)
+    for prompt, response in zip(prompts, responses, strict=True):
+        ours = encode_prompt(tokenizer, prompt) + encode_response(tokenizer, response)
+        assert tokenizer(prompt + response)["input_ids"] == ours
+
+
+def test_validation_metrics_recomputed_from_the_artifact(rm_run):
+    """val/* logged during training = the saved model's scores on prefs_val.jsonl (max_length 128
+    truncates none of the tiny task's pairs)."""
+    cfg, _, artifact = rm_run
+    rows = read_jsonl(Path(cfg.paths.data_dir) / "reviews" / "prefs_val.jsonl")
+    prompts = [r["prompt"] for r in rows]
+    chosen = transformers_scores(artifact, prompts, [r["chosen"] for r in rows])
+    rejected = transformers_scores(artifact, prompts, [r["rejected"] for r in rows])
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    metrics, stats = manifest["metrics"], manifest["reward_stats"]
+    both = torch.cat([chosen, rejected])
+    recomputed = {
+        "val/accuracy": (chosen > rejected).float().mean(),
+        "val/loss": -F.logsigmoid(chosen - rejected).mean(),
+        "val/margin": (chosen - rejected).mean(),
+        "val/reward_chosen": chosen.mean(),
+        "val/reward_rejected": rejected.mean(),
+    }
+    for key, value in recomputed.items():
+        assert metrics[key] == pytest.approx(float(value), abs=1e-5), key
+    assert stats["mean"] == pytest.approx(float(both.mean()), abs=1e-5)
+    assert stats["std"] == pytest.approx(float(both.std(unbiased=False)), abs=1e-5)
+
+
+def test_training_loss_logged_every_step(rm_run):
+    cfg, _, _ = rm_run
+    with open(Path(cfg.paths.output_dir) / "csv" / "rm" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) == math.ceil(256 / 32)  # task.n_pairs_train / rm.batch_size, one epoch
+    assert all(math.isfinite(x) and x > 0 for x in losses)
+    assert [float(r["val/accuracy"]) for r in rows if r.get("val/accuracy")]
+
+
+def test_same_seed_same_weights(rm_run, tiny_cfg):
+    """A second run from scratch (data, tokenizer, model) with the same seed: identical weights."""
+    _, _, first = rm_run
+    run(tiny_cfg)
+    second = Path(tiny_cfg.paths.artifacts_dir) / "reviews" / "rm"
+    assert (second / "tokenizer.json").read_text() == (first / "tokenizer.json").read_text()
+    assert content_hash(second) == content_hash(first)
+
+
+@pytest.mark.slow  # a subprocess: imports torch, transformers and lightning afresh
+def test_train_py_runs_the_rm_stage(tmp_path):
+    result = train_cli(["stage=rm", *TINY], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert "== rlhf-lightning summary ==" in lines
+    summary = next(line for line in lines if line.startswith("[rm] accuracy="))
+    values = dict(re.findall(r"(\w+)=([-\d.e]+)", summary))
+    assert {"accuracy", "loss", "bayes_accuracy"} <= values.keys()
+    assert 0.0 <= float(values["accuracy"]) <= 1.0
+    artifact = tmp_path / "artifacts" / "reviews" / "rm"
+    assert f"[rm] model saved to {artifact}" in lines
+    assert lines[-1].startswith("run directory: ")  # the output dir is the last line
+    out_dir = Path(lines[-1].removeprefix("run directory: "))
+    assert out_dir.is_dir() and out_dir.parent == (tmp_path / "outputs" / "rm").resolve()
+    assert (out_dir / ".hydra" / "config.yaml").is_file()
+    assert (artifact / "model.safetensors").is_file()
