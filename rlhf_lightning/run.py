@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 from rlhf_lightning.config import validate
 from rlhf_lightning.data.spec import DataSpec
 from rlhf_lightning.models.factory import ModelSpec
+from rlhf_lightning.resume import (
+    RNGState,
+    SafeCheckpointIO,
+    checkpoint_dir,
+    in_multirun,
+    quiet_resume_warnings,
+    resolve_checkpoints,
+)
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -35,6 +44,9 @@ class RunContext:
         self.model_spec: ModelSpec = instantiate(cfg.model)
         self.artifacts_dir = Path(cfg.paths.artifacts_dir) / self.data.name
         self.output_dir = Path(cfg.paths.output_dir)
+        self.checkpoints = resolve_checkpoints(  # fails at start-up when ckpt_path is wrong
+            cfg.get("ckpt_path"), list(cfg.stage.stages), self.output_dir, not in_multirun()
+        )
         self._tokenizer = None
 
     @property
@@ -49,20 +61,23 @@ class RunContext:
         return self.artifacts_dir / stage
 
     def ckpt_path(self, stage: str) -> str | None:
-        """`ckpt_path=last` resolves to this run dir's last checkpoint (only for the last stage)."""
-        path = self.cfg.get("ckpt_path")
-        if path is None or stage != self.cfg.stage.stages[-1]:
-            return None
-        return str(self.output_dir / "checkpoints" / "last.ckpt") if path == "last" else path
+        """The checkpoint `stage` resumes from (see `rlhf_lightning.resume`), or None."""
+        path = self.checkpoints.get(stage)
+        if path is not None:
+            print(f"[{stage}] resuming from {path}")
+            quiet_resume_warnings()
+        return path
 
     def trainer(self, stage: str, **overrides) -> L.Trainer:
         callbacks = [instantiate(c) for c in (self.cfg.get("callbacks") or {}).values()]
         callbacks = [c for c in callbacks if stage in getattr(c, "stages", (stage,))]
-        checkpoint = instantiate(self.cfg.checkpoint, dirpath=str(self.output_dir / "checkpoints"))
+        dirpath = checkpoint_dir(self.output_dir, stage)  # checkpoints/<stage>/last.ckpt
+        checkpoint = instantiate(self.cfg.checkpoint, dirpath=str(dirpath))
         trainer = instantiate(
             self.cfg.trainer,
-            callbacks=[*callbacks, checkpoint],
+            callbacks=[RNGState(), *callbacks, checkpoint],  # RNG first: see RNGState
             logger=self._logger(stage),
+            plugins=[SafeCheckpointIO()],  # checkpoints load with weights_only=True
             **overrides,
         )
         for logger in trainer.loggers:  # the whole composed config, so runs can be compared
@@ -109,6 +124,8 @@ def run(cfg: DictConfig) -> float | None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    for name in ("lightning.pytorch", "lightning.fabric"):  # they print themselves: no duplicates
+        logging.getLogger(name).propagate = False
 
     ctx = RunContext(cfg)
     results: dict[str, dict] = {}
