@@ -157,7 +157,7 @@ def test_callbacks_and_trainer_instantiate(option, tmp_path):
         trainer = ctx.trainer(stage, max_epochs=1)
         assert isinstance(trainer, L.Trainer) and trainer.max_epochs == 1
         checkpoints = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
-        assert [c.dirpath for c in checkpoints] == [str(tmp_path / "run" / "checkpoints")]
+        assert [c.dirpath for c in checkpoints] == [str(tmp_path / "run" / "checkpoints" / stage)]
         kinds = {type(c) for c in callbacks}
         wanted = [type(c) for c in callbacks if stage in getattr(c, "stages", (stage,))]
         got = [type(c) for c in trainer.callbacks if type(c) in kinds]

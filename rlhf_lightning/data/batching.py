@@ -76,7 +76,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         batches = []
         for start in range(0, len(order), span):
             chunk = sorted(order[start : start + span], key=lambda i: self.lengths[i])
-            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            batches += [
+                chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)
+            ]
         if self.shuffle:
             rng.shuffle(batches)
         per_rank = math.ceil(len(batches) / self.num_replicas)
@@ -104,4 +106,50 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return {"epoch": self.epoch, "consumed": self.consumed}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.consumed = state["epoch"], state["consumed"]
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+
+
+def trained_position(trainer, sampler: LengthGroupedBatchSampler | None) -> dict:
+    """The sampler state a checkpoint must hold: where training, not the loader, has got to.
+
+    A DataLoader with workers draws `prefetch_factor × num_workers` batches ahead of training (and
+    Lightning prefetches one batch from loaders without a length), so when a checkpoint is written
+    the sampler may have handed out batches no step has seen. The fit loop's
+    `batch_progress.current.processed` counts this epoch's batches that went through a training
+    step: a checkpoint written in `on_train_batch_end` counts the current batch, one written after
+    a failed step does not, and Lightning 2.6 resumes right after those it counts. The epoch is the
+    trainer's. Assumes one trainer epoch is one pass of the sampler (no `limit_train_batches`).
+    """
+    loop = getattr(trainer, "fit_loop", None)
+    if loop is None or sampler is None:
+        return sampler.state_dict() if sampler is not None else {}
+    processed = loop.epoch_loop.batch_progress.current.processed
+    return {"epoch": int(trainer.current_epoch), "consumed": int(processed)}
+
+
+class ResumableSampling:
+    """Datamodule mixin: checkpoints carry the training sampler's position, restored on resume.
+
+    Lightning saves `datamodule.state_dict()` in every checkpoint and calls `load_state_dict` on
+    resume before it asks for the train dataloader; the position is applied to the sampler built
+    then, so the resumed run sees exactly the batches the uninterrupted run would have seen.
+    """
+
+    sampler: LengthGroupedBatchSampler | None = None
+    _resume_state: dict | None = None
+
+    def state_dict(self) -> dict:
+        if self.sampler is None:
+            return {}
+        return {"sampler": trained_position(getattr(self, "trainer", None), self.sampler)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_state = state.get("sampler")
+
+    def _train_sampler(self, sampler: LengthGroupedBatchSampler) -> LengthGroupedBatchSampler:
+        """Keep `sampler` as the training sampler, moved to the resumed position if there is one."""
+        if self._resume_state is not None:
+            sampler.load_state_dict(self._resume_state)
+            self._resume_state = None
+        self.sampler = sampler
+        return sampler

@@ -10,7 +10,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from rlhf_lightning.data.batching import LengthGroupedBatchSampler, pad, truncate
+from rlhf_lightning.data.batching import (
+    LengthGroupedBatchSampler,
+    ResumableSampling,
+    pad,
+    truncate,
+)
 from rlhf_lightning.data.encoding import encode_prompt, encode_response
 from rlhf_lightning.data.spec import DataSpec
 
@@ -20,8 +25,12 @@ def encode_pair(tokenizer, record, max_length: int) -> dict:
     prompt = encode_prompt(tokenizer, record.prompt)
     sides = {}
     for side in ("chosen", "rejected"):
-        p, r = truncate(prompt, encode_response(tokenizer, getattr(record, side)), max_length,
-                        tokenizer.eos_token_id)
+        p, r = truncate(
+            prompt,
+            encode_response(tokenizer, getattr(record, side)),
+            max_length,
+            tokenizer.eos_token_id,
+        )
         sides[side] = p + r
     margin = record.margin if record.margin is not None else 0.0
     return {**sides, "margin": float(margin)}
@@ -34,13 +43,16 @@ class PreferenceCollator:
         self.pad_id = pad_id
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        ids, mask = pad([it["chosen"] for it in items] + [it["rejected"] for it in items], self.pad_id)
+        ids, mask = pad(
+            [it["chosen"] for it in items] + [it["rejected"] for it in items], self.pad_id
+        )
         margin = torch.tensor([it["margin"] for it in items], dtype=torch.float32)
         return {"input_ids": ids, "attention_mask": mask, "margin": margin}
 
 
-class PreferenceDataModule(L.LightningDataModule):
-    """Preference pairs of a `DataSpec` for reward-model training and validation."""
+class PreferenceDataModule(ResumableSampling, L.LightningDataModule):
+    """Preference pairs of a `DataSpec` for reward-model training and validation (checkpoints
+    carry the position in the training order: `ResumableSampling`)."""
 
     def __init__(
         self,
@@ -69,18 +81,25 @@ class PreferenceDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         train = self.datasets["train"]
         world, rank = _world(self.trainer)
-        self.sampler = LengthGroupedBatchSampler(
+        sampler = LengthGroupedBatchSampler(
             [max(len(x["chosen"]), len(x["rejected"])) for x in train],
-            self.batch_size, shuffle=True, seed=self.seed, num_replicas=world, rank=rank,
+            self.batch_size,
+            shuffle=True,
+            seed=self.seed,
+            num_replicas=world,
+            rank=rank,
         )
-        return self._loader(train, self.sampler)
+        return self._loader(train, self._train_sampler(sampler))
 
     def val_dataloader(self) -> DataLoader:
         val = self.datasets["val"]
         world, rank = _world(self.trainer)
         sampler = LengthGroupedBatchSampler(
             [max(len(x["chosen"]), len(x["rejected"])) for x in val],
-            self.batch_size, shuffle=False, num_replicas=world, rank=rank,
+            self.batch_size,
+            shuffle=False,
+            num_replicas=world,
+            rank=rank,
         )
         return self._loader(val, sampler)
 
@@ -90,6 +109,7 @@ class PreferenceDataModule(L.LightningDataModule):
             batch_sampler=sampler,
             collate_fn=PreferenceCollator(self.tokenizer.pad_token_id),
             num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),  # leaves the global RNG alone
         )
 
 

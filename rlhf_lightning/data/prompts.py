@@ -1,15 +1,17 @@
 """`PromptDataModule`: the prompt stream of the policy stage (a batch is a list of prompt strings).
 
-The order is a fixed shuffle per (seed, epoch), and the sampler records how far it got, so a resumed
-run continues the stream where it stopped. With several processes each rank draws its own prompts.
+The order is a fixed shuffle per (seed, epoch), and checkpoints record how far training got in it
+(`ResumableSampling`), so a resumed run continues the stream where it stopped. With several
+processes each rank draws its own prompts.
 """
 
 from __future__ import annotations
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
-from rlhf_lightning.data.batching import LengthGroupedBatchSampler
+from rlhf_lightning.data.batching import LengthGroupedBatchSampler, ResumableSampling
 from rlhf_lightning.data.spec import DataSpec
 from rlhf_lightning.errors import DataError
 
@@ -18,7 +20,7 @@ def _collate(prompts: list[str]) -> list[str]:
     return list(prompts)
 
 
-class PromptDataModule(L.LightningDataModule):
+class PromptDataModule(ResumableSampling, L.LightningDataModule):
     def __init__(self, data: DataSpec, tokenizer, prompts_per_step: int = 16, seed: int = 0):
         super().__init__()
         self.data, self.tokenizer = data, tokenizer
@@ -38,10 +40,23 @@ class PromptDataModule(L.LightningDataModule):
             )
 
     def train_dataloader(self) -> DataLoader:
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        train = self.prompts["train"]
-        self.sampler = LengthGroupedBatchSampler(
-            [1] * len(train), self.prompts_per_step, shuffle=True, seed=self.seed, group=1,
-            num_replicas=world, rank=rank,
+        world, rank = (
+            (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         )
-        return DataLoader(train, batch_sampler=self.sampler, collate_fn=_collate)
+        train = self.prompts["train"]
+        sampler = LengthGroupedBatchSampler(
+            [1] * len(train),
+            self.prompts_per_step,
+            shuffle=True,
+            seed=self.seed,
+            group=1,
+            num_replicas=world,
+            rank=rank,
+        )
+        generator = torch.Generator().manual_seed(self.seed)  # leaves the global RNG alone
+        return DataLoader(
+            train,
+            batch_sampler=self._train_sampler(sampler),
+            collate_fn=_collate,
+            generator=generator,
+        )

@@ -6,7 +6,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from rlhf_lightning.data.batching import LengthGroupedBatchSampler, pad, truncate
+from rlhf_lightning.data.batching import (
+    LengthGroupedBatchSampler,
+    ResumableSampling,
+    pad,
+    truncate,
+)
 from rlhf_lightning.data.encoding import encode_prompt, encode_response
 from rlhf_lightning.data.spec import DataSpec
 
@@ -32,8 +37,9 @@ class SFTCollator:
         return {"input_ids": ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
-class SFTDataModule(L.LightningDataModule):
-    """Demonstrations of a `DataSpec` (train/val splits), length-grouped, dynamically padded."""
+class SFTDataModule(ResumableSampling, L.LightningDataModule):
+    """Demonstrations of a `DataSpec` (train/val splits), length-grouped, dynamically padded;
+    checkpoints carry the position in the training order (`ResumableSampling`)."""
 
     def __init__(self, data: DataSpec, tokenizer, batch_size=32, max_length=128, seed=0):
         super().__init__()
@@ -57,9 +63,19 @@ class SFTDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.datasets[split]
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = LengthGroupedBatchSampler(
-            [len(x["ids"]) for x in dataset], self.batch_size, shuffle=shuffle, seed=self.seed,
-            num_replicas=world, rank=rank,
+        world, rank = (
+            (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         )
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=SFTCollator(self.tokenizer.pad_token_id))
+        sampler = LengthGroupedBatchSampler(
+            [len(x["ids"]) for x in dataset],
+            self.batch_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            num_replicas=world,
+            rank=rank,
+        )
+        if split == "train":
+            sampler = self._train_sampler(sampler)
+        collate = SFTCollator(self.tokenizer.pad_token_id)
+        generator = torch.Generator().manual_seed(self.seed)  # leaves the global RNG alone
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=generator)

@@ -17,6 +17,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
+from rlhf_lightning.errors import NumericalError
 from rlhf_lightning.losses.bradley_terry import bradley_terry_loss
 
 
@@ -55,6 +56,11 @@ class RewardModelModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         chosen, rejected = self._score_pairs(batch)
         loss = self._loss(chosen, rejected, batch["margin"])
+        if not torch.isfinite(loss):  # before backward: the last checkpoint stays a good one
+            raise NumericalError(
+                f"train/loss (Bradley–Terry) is {loss.item()} at step {self.global_step}; the last "
+                "good checkpoint is kept (lower rm.module.optimizer.lr, check the data's margins)"
+            )
         n = chosen.numel()
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/accuracy", (chosen > rejected).float().mean(), batch_size=n)
@@ -64,7 +70,9 @@ class RewardModelModule(L.LightningModule):
         chosen, rejected = self._score_pairs(batch)
         loss = self._loss(chosen, rejected, batch["margin"])
         self.val_loss.update(loss, weight=chosen.numel())
-        self.val_accuracy.update(torch.sigmoid(chosen - rejected), torch.ones_like(chosen, dtype=torch.long))
+        self.val_accuracy.update(
+            torch.sigmoid(chosen - rejected), torch.ones_like(chosen, dtype=torch.long)
+        )
         self.val_margin.update(chosen - rejected)
         self.val_chosen.update(chosen)
         self.val_rejected.update(rejected)
@@ -84,14 +92,17 @@ class RewardModelModule(L.LightningModule):
             self.log(key, metric.compute(), prog_bar=key == "val/accuracy", sync_dist=True)
             metric.reset()
         mean, mean_sq = self.val_reward.compute(), self.val_reward_sq.compute()
-        self.reward_stats = {"mean": float(mean), "std": float((mean_sq - mean**2).clamp_min(1e-12).sqrt())}
+        self.reward_stats = {
+            "mean": float(mean),
+            "std": float((mean_sq - mean**2).clamp_min(1e-12).sqrt()),
+        }
         self.val_reward.reset()
         self.val_reward_sq.reset()
         if self.hparams.bayes_accuracy is not None:
             self.log("val/bayes_accuracy", float(self.hparams.bayes_accuracy))
 
     def on_fit_start(self) -> None:
-        self.reward_model.train()  # `from_pretrained` returns eval mode; dropout belongs to training
+        self.reward_model.train()  # `from_pretrained` gives eval mode; dropout belongs to training
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.reward_model.parameters())
@@ -101,7 +112,10 @@ class RewardModelModule(L.LightningModule):
         scheduler = self.scheduler_factory(
             optimizer, num_training_steps=int(self.trainer.estimated_stepping_batches)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def _score_pairs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         rewards = self(batch["input_ids"], batch["attention_mask"])  # [2B]: chosen then rejected

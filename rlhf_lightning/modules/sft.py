@@ -14,12 +14,13 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from rlhf_lightning.errors import NumericalError
 from rlhf_lightning.losses.masked import masked_mean
 from rlhf_lightning.models.logprobs import sequence_logprobs
 
 
 class SFTModule(L.LightningModule):
-    """policy: an HF causal LM (passed in). optimizer/scheduler: partials as in RewardModelModule."""
+    """policy: an HF causal LM (passed in). optimizer/scheduler: partials, as in the RM module."""
 
     def __init__(self, policy: nn.Module, optimizer: Callable, scheduler: Callable | None = None):
         super().__init__()
@@ -37,6 +38,12 @@ class SFTModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self(batch)
+        if not torch.isfinite(loss):  # before backward: the last checkpoint stays a good one
+            raise NumericalError(
+                f"train/loss (SFT negative log-likelihood) is {loss.item()} at step "
+                f"{self.global_step}; the last good checkpoint is kept (lower "
+                "sft.module.optimizer.lr)"
+            )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
@@ -59,4 +66,7 @@ class SFTModule(L.LightningModule):
         scheduler = self.scheduler_factory(
             optimizer, num_training_steps=int(self.trainer.estimated_stepping_batches)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -9,10 +9,14 @@ from rlhf_lightning.data.preference import PreferenceDataModule
 
 
 def run_rm(ctx) -> dict:
-    """Bradley–Terry training; the artifact records the validation reward mean/std for normalising."""
+    """Bradley–Terry training; the artifact records the mean/std of validation rewards."""
     cfg = ctx.cfg.rm
     datamodule = PreferenceDataModule(
-        ctx.data, ctx.tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=ctx.cfg.seed
+        ctx.data,
+        ctx.tokenizer,
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        seed=ctx.cfg.seed,
     )
     reward_model = ctx.model_spec.reward_model(ctx.tokenizer)
     module = instantiate(
@@ -20,6 +24,8 @@ def run_rm(ctx) -> dict:
     )
     trainer = ctx.trainer("rm", max_epochs=cfg.max_epochs)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ctx.ckpt_path("rm"))
+    if "val/loss" not in trainer.callback_metrics:  # resumed from a checkpoint written after the
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # last step, before val
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     result = {
         "accuracy": metrics.get("val/accuracy", float("nan")),
@@ -29,6 +35,8 @@ def run_rm(ctx) -> dict:
         result["bayes_accuracy"] = metrics["val/bayes_accuracy"]
     if trainer.is_global_zero:
         manifest = {"stage": "rm", "reward_stats": module.reward_stats, "metrics": metrics}
-        result["sha256"] = save_model_artifact(reward_model, ctx.tokenizer, ctx.artifact("rm"), manifest)
+        result["sha256"] = save_model_artifact(
+            reward_model, ctx.tokenizer, ctx.artifact("rm"), manifest
+        )
         result["artifact"] = str(ctx.artifact("rm"))
     return result

@@ -14,12 +14,18 @@ from rlhf_lightning.data.sft import SFTDataModule
 def run_sft(ctx) -> dict:
     cfg = ctx.cfg.sft
     datamodule = SFTDataModule(
-        ctx.data, ctx.tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=ctx.cfg.seed
+        ctx.data,
+        ctx.tokenizer,
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        seed=ctx.cfg.seed,
     )
     policy = ctx.model_spec.causal_lm(ctx.tokenizer)
     module = instantiate(cfg.module, policy=policy)
     trainer = ctx.trainer("sft", max_epochs=cfg.max_epochs)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ctx.ckpt_path("sft"))
+    if "val/loss" not in trainer.callback_metrics:  # resumed from a checkpoint written after the
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # last step, before val
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     result = {"loss": metrics.get("val/loss", float("nan"))}
     if trainer.is_global_zero:
