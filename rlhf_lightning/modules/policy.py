@@ -86,7 +86,9 @@ class PolicyModule(L.LightningModule):
         self._check_finite(stats)
         stats["train/beta"] = torch.tensor(self.beta.value)
         kl = self.trainer.strategy.reduce(stats["train/kl"].detach(), reduce_op="mean")
-        self.beta.update(float(kl))
+        # n_steps counts samples (what AdaptiveBeta's horizon counts, as in Ziegler et al. and TRL)
+        samples = len(prompts) * self.algorithm.group_size * self.trainer.world_size
+        self.beta.update(float(kl), n_steps=samples)
         reward = stats.pop("train/reward")
         self.log_dict(stats, batch_size=len(prompts))
         self.log("train/reward", reward, prog_bar=True, batch_size=len(prompts))
@@ -110,11 +112,24 @@ class PolicyModule(L.LightningModule):
         k, gen = self.algorithm.group_size, self.generation
         ids, attn, resp_mask, ended, width = sample(self.policy, self.tokenizer, prompts, k, gen)
         logprobs, logits, hidden = forward_logprobs(
-            self.policy, ids, attn, resp_mask, gen.temperature, gen.allowed_token_ids,
+            self.policy,
+            ids,
+            attn,
+            resp_mask,
+            gen.temperature,
+            gen.allowed_token_ids,
             hidden=self.value_head is not None,
         )
-        entropy = torch.cat([torch.zeros_like(logprobs[:, :1]), entropy_from_logits(
-            logits[:, :-1], gen.temperature, gen.allowed_token_ids)], 1) * resp_mask
+        entropy = (
+            torch.cat(
+                [
+                    torch.zeros_like(logprobs[:, :1]),
+                    entropy_from_logits(logits[:, :-1], gen.temperature, gen.allowed_token_ids),
+                ],
+                1,
+            )
+            * resp_mask
+        )
         del logits
         ref_logprobs, _, _ = forward_logprobs(
             self.reference, ids, attn, resp_mask, gen.temperature, gen.allowed_token_ids
@@ -126,18 +141,89 @@ class PolicyModule(L.LightningModule):
             scores = scores - self.missing_eos_penalty * (~ended).float()
         values = self._values(hidden) if hidden is not None else None
         return Rollout(
-            prompts=prompts_k, responses=responses, input_ids=ids, attention_mask=attn,
-            response_mask=resp_mask.float(), logprobs=logprobs, ref_logprobs=ref_logprobs,
-            scores=scores, ended=ended, entropy=entropy, values=values, prompt_width=width,
+            prompts=prompts_k,
+            responses=responses,
+            input_ids=ids,
+            attention_mask=attn,
+            response_mask=resp_mask.float(),
+            logprobs=logprobs,
+            ref_logprobs=ref_logprobs,
+            scores=scores,
+            ended=ended,
+            entropy=entropy,
+            values=values,
+            prompt_width=width,
         )
 
+    def advantages(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Advantages [B, T] of a rollout at the current β, and returns [B, T] (PPO) or None."""
+        kl = self.algorithm.kl_tokens(rollout, self.kl_estimator)  # [B, T]
+        return self.algorithm.advantages(rollout, kl, self.beta.value, self.kl_penalty)
+
+    def minibatch_loss(
+        self, mb: Rollout, advantages: torch.Tensor, returns: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """Differentiable loss of one rollout minibatch (no optimiser step).
+
+        loss = clipped surrogate (+ vf_coef · clipped value loss with a value head). Returns
+        {"loss", "policy_loss", "clipfrac", "approx_kl"} (+ "value_loss"); at ratio 1 (the first
+        minibatch of the first epoch) the surrogate's gradient is the plain policy gradient.
+        """
+        logprobs, _, hidden = forward_logprobs(
+            self.policy,
+            mb.input_ids,
+            mb.attention_mask,
+            mb.response_mask,
+            self.generation.temperature,
+            self.generation.allowed_token_ids,
+            hidden=self.value_head is not None,
+        )
+        policy_loss, clipfrac, approx_kl = ppo_policy_loss(
+            logprobs, mb.logprobs, advantages, mb.response_mask, self.algorithm.clip_range
+        )
+        out = {
+            "loss": policy_loss,
+            "policy_loss": policy_loss,
+            "clipfrac": clipfrac,
+            "approx_kl": approx_kl,
+        }
+        if self.value_head is not None:
+            value_loss, _ = ppo_value_loss(
+                self._values(hidden),
+                mb.values,
+                returns,
+                mb.response_mask,
+                self.algorithm.clip_range_value,
+            )
+            out["loss"] = policy_loss + self.algorithm.vf_coef * value_loss
+            out["value_loss"] = value_loss
+        return out
+
     def _update(self, rollout: Rollout) -> dict[str, torch.Tensor]:
-        algo, beta, mask = self.algorithm, self.beta.value, rollout.response_mask
-        kl = algo.kl_tokens(rollout, self.kl_estimator)  # [B, T]
-        advantages, returns = algo.advantages(rollout, kl, beta, self.kl_penalty)
+        """`epochs` passes over `minibatches` of the rollout, one optimiser step per minibatch."""
+        advantages, returns = self.advantages(rollout)
+        stats = self._rollout_stats(rollout)
         optimizer = self.optimizers()
+        history: dict[str, list[torch.Tensor]] = {}
+        n, mask = len(rollout.prompts), rollout.response_mask
+        for _ in range(self.algorithm.epochs):
+            order = torch.randperm(n, device=mask.device)
+            for idx in order.chunk(self.algorithm.minibatches):
+                out = self.minibatch_loss(
+                    rollout.select(idx), advantages[idx], None if returns is None else returns[idx]
+                )
+                self._step(optimizer, out["loss"])
+                for key in ("clipfrac", "approx_kl", "value_loss"):
+                    if key in out:
+                        history.setdefault(f"ppo/{key}", []).append(out[key].detach())
+        stats.update({k: torch.stack(v).mean() for k, v in history.items()})
+        return stats
+
+    def _rollout_stats(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """What the rollout says before the update: reward, k1 KL, objective, entropy, length."""
+        beta, mask = self.beta.value, rollout.response_mask
         seq_kl = sequence_kl(rollout.logprobs - rollout.ref_logprobs, mask)  # k1 per sequence [B]
-        stats = {
+        return {
             "train/reward": rollout.scores.mean(),
             "train/kl": seq_kl.mean(),
             "train/objective": (rollout.scores - beta * seq_kl).mean(),
@@ -145,32 +231,6 @@ class PolicyModule(L.LightningModule):
             "train/response_length": mask.sum(-1).mean(),
             "train/eos_rate": rollout.ended.float().mean(),
         }
-        ppo_stats: dict[str, list[torch.Tensor]] = {"ppo/clipfrac": [], "ppo/approx_kl": []}
-        n = len(rollout.prompts)
-        for _ in range(algo.epochs):
-            order = torch.randperm(n, device=mask.device)
-            for idx in order.chunk(algo.minibatches):
-                mb = rollout.select(idx)
-                logprobs, _, hidden = forward_logprobs(
-                    self.policy, mb.input_ids, mb.attention_mask, mb.response_mask,
-                    self.generation.temperature, self.generation.allowed_token_ids,
-                    hidden=self.value_head is not None,
-                )
-                loss, clipfrac, approx_kl = ppo_policy_loss(
-                    logprobs, mb.logprobs, advantages[idx], mb.response_mask, algo.clip_range
-                )
-                if self.value_head is not None:
-                    value_loss, _ = ppo_value_loss(
-                        self._values(hidden), mb.values, returns[idx], mb.response_mask,
-                        algo.clip_range_value,
-                    )
-                    loss = loss + algo.vf_coef * value_loss
-                    ppo_stats.setdefault("ppo/value_loss", []).append(value_loss.detach())
-                self._step(optimizer, loss)
-                ppo_stats["ppo/clipfrac"].append(clipfrac)
-                ppo_stats["ppo/approx_kl"].append(approx_kl)
-        stats.update({k: torch.stack(v).mean() for k, v in ppo_stats.items()})
-        return stats
 
     def _exact_step(self) -> dict[str, torch.Tensor]:
         """Gradient ascent on the enumerated J(θ) (oracle tasks): the reference optimiser."""
@@ -182,14 +242,15 @@ class PolicyModule(L.LightningModule):
     def _step(self, optimizer, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
             raise NumericalError(
-                f"loss is {loss.item()} at step {self.global_step}; the last good checkpoint is kept "
-                "(lower the learning rate, or raise beta)"
+                f"loss is {loss.item()} at step {self.global_step}; the last good checkpoint is "
+                "kept (lower the learning rate, or raise beta)"
             )
         optimizer.zero_grad()
         self.manual_backward(loss)
         if self.max_grad_norm:
-            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm,
-                                gradient_clip_algorithm="norm")
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
+            )
         optimizer.step()
 
     def _values(self, hidden: torch.Tensor) -> torch.Tensor:
