@@ -79,7 +79,9 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError (one line) for the first impossible value in `cfg`."""
     missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
     if missing:
-        raise ConfigError(f"{missing[0]} is required (???): set it on the command line, {missing[0]}=...")
+        raise ConfigError(
+            f"{missing[0]} is required (???): set it on the command line, {missing[0]}=..."
+        )
     stages = _get(cfg, "stage.stages")
     if not stages or any(s not in STAGES for s in stages):
         raise ConfigError(f"stage.stages={stages}: each stage must be one of {list(STAGES)}")
@@ -96,10 +98,16 @@ def _check_combinations(cfg: DictConfig) -> None:
     """Rules that involve more than one key."""
     name, k = _get(cfg, "algo.name"), _get(cfg, "algo.group_size")
     if name in ("rloo", "grpo") and isinstance(k, int) and k < 2:
-        raise ConfigError(f"algo.group_size={k} is invalid for algo={name}: it needs >= 2 samples per prompt")
+        raise ConfigError(
+            f"algo.group_size={k} is invalid for algo={name}: it needs >= 2 samples per prompt"
+        )
     if name == "exact" and "policy" in (_get(cfg, "stage.stages") or []):
         target = str(_get(cfg, "task._target_"))
-        if _get(cfg, "data._target_") and "TaskData" in str(_get(cfg, "data._target_")) and "Oracle" not in target:
+        if (
+            _get(cfg, "data._target_")
+            and "TaskData" in str(_get(cfg, "data._target_"))
+            and "Oracle" not in target
+        ):
             raise ConfigError("algo=exact needs an enumerable task: use task=oracle")
 
 
@@ -110,7 +118,9 @@ def _get(cfg: DictConfig, key: str):
     try:
         value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True)
     except MissingMandatoryValue as err:
-        raise ConfigError(f"{key} is required (???): set it on the command line, {key}=...") from err
+        raise ConfigError(
+            f"{key} is required (???): set it on the command line, {key}=..."
+        ) from err
     except InterpolationResolutionError as err:
         raise ConfigError(f"{key}: {err}") from err
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value

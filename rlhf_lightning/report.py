@@ -19,25 +19,48 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-COLUMNS = ["job", "status", "overrides", "algo", "beta", "kl", "proxy_reward", "gold_reward",
-           "objective", "objective_star", "optimum_gap", "exact_kl", "exact_reward", "closure",
-           "closure_vs_exact", "error"]
+COLUMNS = [
+    "job",
+    "status",
+    "overrides",
+    "algo",
+    "beta",
+    "kl",
+    "proxy_reward",
+    "gold_reward",
+    "objective",
+    "objective_star",
+    "optimum_gap",
+    "exact_kl",
+    "exact_reward",
+    "closure",
+    "closure_vs_exact",
+    "error",
+]
 
 
 def collect(sweep_dir: Path) -> list[dict]:
     """One dict per job folder (a folder holding `.hydra/`), sorted by job number."""
     rows = []
-    for job in sorted((p for p in Path(sweep_dir).iterdir() if (p / ".hydra").is_dir()),
-                      key=lambda p: (len(p.name), p.name)):
+    for job in sorted(
+        (p for p in Path(sweep_dir).iterdir() if (p / ".hydra").is_dir()),
+        key=lambda p: (len(p.name), p.name),
+    ):
         path = job / "result.json"
         if not path.exists():
             rows.append({"job": job.name, "status": "failed", "error": "no result.json (killed?)"})
             continue
         record = json.loads(path.read_text())
         last = record["results"].get(record["stages"][-1], {}) if record["results"] else {}
-        row = {"job": job.name, "status": record["status"], "error": record.get("error"),
-               "overrides": " ".join(record.get("overrides", [])), "algo": record.get("algo"),
-               "beta": last.get("beta", record.get("beta")), **_metrics(last)}
+        row = {
+            "job": job.name,
+            "status": record["status"],
+            "error": record.get("error"),
+            "overrides": " ".join(record.get("overrides", [])),
+            "algo": record.get("algo"),
+            "beta": last.get("beta", record.get("beta")),
+            **_metrics(last),
+        }
         row["_frontier"] = last.get("frontier")
         row["_curve"] = _curve(job)
         rows.append(row)
@@ -46,8 +69,18 @@ def collect(sweep_dir: Path) -> list[dict]:
 
 
 def _metrics(last: dict) -> dict:
-    keys = ["kl", "proxy_reward", "gold_reward", "objective", "objective_star", "optimum_gap",
-            "exact_kl", "exact_reward", "exact_objective", "reference_objective"]
+    keys = [
+        "kl",
+        "proxy_reward",
+        "gold_reward",
+        "objective",
+        "objective_star",
+        "optimum_gap",
+        "exact_kl",
+        "exact_reward",
+        "exact_objective",
+        "reference_objective",
+    ]
     return {k: last[k] for k in keys if k in last}
 
 
@@ -81,8 +114,10 @@ def write_report(sweep_dir: Path) -> dict[str, Path]:
     paths["frontier"] = _plot_frontier(rows, sweep_dir / "frontier.png")
     if any(r.get("_curve") for r in rows):
         paths["overoptimisation"] = _plot_curves(rows, sweep_dir / "overoptimisation.png")
-    print(f"[report] {len(rows)} jobs ({sum(r['status'] != 'completed' for r in rows)} failed) "
-          f"→ {paths['md']}")
+    print(
+        f"[report] {len(rows)} jobs ({sum(r['status'] != 'completed' for r in rows)} failed) "
+        f"→ {paths['md']}"
+    )
     return paths
 
 
@@ -103,8 +138,11 @@ def _markdown(rows: list[dict]) -> str:
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in shown) + " |" for r in rows]
     best = best_gold(rows)
     if best is not None:
-        lines += ["", f"Best gold reward: β = {_fmt(best.get('beta'))} (job {best['job']}, "
-                      f"gold {best['gold_reward']:.4g}, KL {best.get('kl', float('nan')):.4g})."]
+        lines += [
+            "",
+            f"Best gold reward: β = {_fmt(best.get('beta'))} (job {best['job']}, "
+            f"gold {best['gold_reward']:.4g}, KL {best.get('kl', float('nan')):.4g}).",
+        ]
     failed = [r["job"] for r in rows if r["status"] != "completed"]
     if failed:
         lines += ["", f"Failed jobs: {', '.join(failed)} (see their run dirs)."]
@@ -123,16 +161,32 @@ def _plot_frontier(rows: list[dict], path: Path) -> Path:
     if exact:  # enumerable task: exact (KL, E[r]) of each job, under the optimal frontier
         frontier = next((r["_frontier"] for r in done if r.get("_frontier")), None)
         if frontier:
-            ax.plot([p["kl"] for p in frontier], [p["reward"] for p in frontier], "k-",
-                    label="optimal frontier (p*_β)")
-        ax.plot([r["exact_kl"] for r in exact], [r["exact_reward"] for r in exact], "o",
-                label="jobs (exact)")
+            ax.plot(
+                [p["kl"] for p in frontier],
+                [p["reward"] for p in frontier],
+                "k-",
+                label="optimal frontier (p*_β)",
+            )
+        ax.plot(
+            [r["exact_kl"] for r in exact],
+            [r["exact_reward"] for r in exact],
+            "o",
+            label="jobs (exact)",
+        )
     else:
-        ax.plot([r.get("kl") for r in done], [r.get("proxy_reward") for r in done], "o-",
-                label="proxy reward")
+        ax.plot(
+            [r.get("kl") for r in done],
+            [r.get("proxy_reward") for r in done],
+            "o-",
+            label="proxy reward",
+        )
         if any(r.get("gold_reward") is not None for r in done):
-            ax.plot([r.get("kl") for r in done], [r.get("gold_reward") for r in done], "s-",
-                    label="gold reward")
+            ax.plot(
+                [r.get("kl") for r in done],
+                [r.get("gold_reward") for r in done],
+                "s-",
+                label="gold reward",
+            )
     for r in done:
         x = r.get("exact_kl", r.get("kl"))
         y = r.get("exact_reward", r.get("proxy_reward"))
@@ -165,10 +219,21 @@ def _plot_curves(rows: list[dict], path: Path) -> Path:
         ax.plot(d, [p["proxy"] for p in points], "--", label=f"proxy {label}")
         if all(p.get("gold") is not None for p in points):
             ax.plot(d, [p["gold"] for p in points], "-", label=f"gold {label}")
-    bon = next(((r.get("_curve") or {}).get("best_of_n") for r in rows
-                if (r.get("_curve") or {}).get("best_of_n")), None)
+    bon = next(
+        (
+            (r.get("_curve") or {}).get("best_of_n")
+            for r in rows
+            if (r.get("_curve") or {}).get("best_of_n")
+        ),
+        None,
+    )
     if bon:
-        ax.plot([math.sqrt(p["kl"]) for p in bon], [p["gold"] for p in bon], "k:", label="best-of-n gold")
+        ax.plot(
+            [math.sqrt(p["kl"]) for p in bon],
+            [p["gold"] for p in bon],
+            "k:",
+            label="best-of-n gold",
+        )
     ax.set_xlabel("sqrt KL(p_θ ‖ p_ref)")
     ax.set_ylabel("reward")
     ax.set_title("over-optimisation: proxy vs gold")

@@ -93,7 +93,9 @@ class RunContext:
             group = node.get("group") or sweep_group or f"{self.data.name}-{self.output_dir.name}"
             name = node.get("name") or sweep_name or stage
             return instantiate(node, group=group, name=name, job_type=stage)
-        return instantiate(node, version=stage) if "CSVLogger" in node._target_ else instantiate(node)
+        return (
+            instantiate(node, version=stage) if "CSVLogger" in node._target_ else instantiate(node)
+        )
 
     @contextlib.contextmanager
     def stage_run(self, stage: str) -> Iterator[None]:
@@ -151,8 +153,10 @@ def write_result(output_dir: Path, cfg: DictConfig, results: dict, error=None) -
         "overrides": _job_overrides(),
         "beta": _float_or_none(OmegaConf.select(cfg, "algo.beta")),
         "algo": OmegaConf.select(cfg, "algo.name"),
-        "results": {k: {m: v for m, v in r.items() if isinstance(v, float | int | str | list)}
-                    for k, r in results.items()},
+        "results": {
+            k: {m: v for m, v in r.items() if isinstance(v, float | int | str | list)}
+            for k, r in results.items()
+        },
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "result.json").write_text(json.dumps(record, indent=2))

@@ -42,10 +42,14 @@ def test_saved_policy_reloads_with_transformers_alone_and_generates(pipeline_roo
     path = pipeline_root / "artifacts/reviews/policy"
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
-    prompt = tokenizer("review of the silent harbor :", return_tensors="pt", add_special_tokens=False)
+    prompt = tokenizer(
+        "review of the silent harbor :", return_tensors="pt", add_special_tokens=False
+    )
     bos = torch.tensor([[tokenizer.bos_token_id]])
     ids = torch.cat([bos, prompt["input_ids"]], 1)
-    out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    out = model.generate(
+        ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
     assert out.shape[1] > ids.shape[1]
     assert isinstance(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True), str)
 
@@ -66,8 +70,15 @@ def test_policy_stage_swaps(pipeline_root: Path, tmp_path: Path, overrides: list
     cfg.paths.output_dir = str(tmp_path / "run")
     run(cfg)
     metrics = (tmp_path / "run" / "csv" / "policy" / "metrics.csv").read_text()
-    keys = ["train/objective", "train/reward", "train/kl", "train/entropy", "train/beta",
-            "train/response_length", "train/eos_rate"]
+    keys = [
+        "train/objective",
+        "train/reward",
+        "train/kl",
+        "train/entropy",
+        "train/beta",
+        "train/response_length",
+        "train/eos_rate",
+    ]
     if "algo=ppo" in overrides:
         keys += ["ppo/clipfrac", "ppo/approx_kl", "ppo/value_loss"]
     for key in keys:

@@ -31,8 +31,11 @@ def _read_table(sweep: Path) -> list[dict]:
 def test_beta_multirun_writes_one_job_per_beta_and_a_report(artifacts_root: Path, tmp_path: Path):
     sweep = tmp_path / "sweep"
     before = {p.name for p in (artifacts_root / "artifacts/reviews").iterdir()}
-    proc = train_cli(["-m", "stage=policy", "algo.beta=0.01,0.1,1", *TINY_CLI,
-                      f"hydra.sweep.dir={sweep}"], artifacts_root, timeout=900)
+    proc = train_cli(
+        ["-m", "stage=policy", "algo.beta=0.01,0.1,1", *TINY_CLI, f"hydra.sweep.dir={sweep}"],
+        artifacts_root,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
     assert len(jobs) == 3
@@ -65,9 +68,18 @@ def test_beta_multirun_writes_one_job_per_beta_and_a_report(artifacts_root: Path
 def test_a_failed_job_is_marked_and_the_others_are_reported(artifacts_root: Path, tmp_path: Path):
     sweep = tmp_path / "sweep"
     # the second job asks for an RM that does not exist: it fails, the first still completes
-    proc = train_cli(["-m", "stage=policy", "reward.path=null,/nonexistent/rm",
-                      *[o for o in TINY if o != "logger=csv"], "logger=none",
-                      f"hydra.sweep.dir={sweep}"], artifacts_root, timeout=900)
+    proc = train_cli(
+        [
+            "-m",
+            "stage=policy",
+            "reward.path=null,/nonexistent/rm",
+            *[o for o in TINY if o != "logger=csv"],
+            "logger=none",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        artifacts_root,
+        timeout=900,
+    )
     assert proc.returncode != 0
     assert "1 of 2 sweep jobs failed" in proc.stderr
     rows = {r["job"]: r for r in _read_table(sweep)}
@@ -83,13 +95,14 @@ def test_report_command_usage(tmp_path: Path, capsys):
 
 def test_launcher_configs_compose():
     for launcher in ("joblib", "slurm", "submitit_slurm"):
+        from helpers import CONF_DIR
         from hydra import compose as hydra_compose
         from hydra import initialize_config_dir
-        from helpers import CONF_DIR
 
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = hydra_compose("config", overrides=[f"hydra/launcher={launcher}"],
-                                return_hydra_config=True)
+            cfg = hydra_compose(
+                "config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True
+            )
         assert "launcher" in cfg.hydra and cfg.hydra.launcher._target_
 
 

@@ -12,10 +12,10 @@ from torch import Tensor
 
 from rlhf_lightning.analysis.optimum import (
     enumerated_logprobs,
-    optimal_frontier,
     expected_reward,
     kl_divergence,
     objective,
+    optimal_frontier,
     optimal_logprobs,
     optimal_objective,
 )
@@ -31,7 +31,9 @@ class OracleEvaluator:
 
     def policy_logprobs(self, policy, temperature: float | None = None) -> Tensor:
         """Exact log p_θ(y|u) [P, N], differentiable."""
-        return enumerated_logprobs(policy, self.tokenizer, self.task, temperature or self.temperature)
+        return enumerated_logprobs(
+            policy, self.tokenizer, self.task, temperature or self.temperature
+        )
 
     def terms(self, table: Tensor, beta: float) -> dict[str, Tensor]:
         """J(θ) (differentiable), E[r] and KL(p_θ‖p_ref), exact, averaged over prompts."""
@@ -56,12 +58,15 @@ class OracleEvaluator:
             "objective_star": j_star,
             "optimum_gap": j_star - float(terms["objective"]),
             "kl_to_optimum": float(kl_divergence(table, star).mean()),
-            "reference_objective": float(objective(self.ref_logprobs, self.ref_logprobs,
-                                                   self.rewards, beta)),
+            "reference_objective": float(
+                objective(self.ref_logprobs, self.ref_logprobs, self.rewards, beta)
+            ),
         }
 
     def frontier(self, betas: list[float] | None = None) -> list[dict]:
         """The exact optimal reward–KL frontier {(KL(p*_β‖p_ref), E_{p*_β}[r])} over a β grid."""
         betas = betas or [float(b) for b in torch.logspace(-2, 1, 31)]
-        return [{k: float(v) for k, v in point.items()}
-                for point in optimal_frontier(self.ref_logprobs, self.rewards, betas)]
+        return [
+            {k: float(v) for k, v in point.items()}
+            for point in optimal_frontier(self.ref_logprobs, self.rewards, betas)
+        ]

@@ -17,7 +17,9 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     return ([bos] if bos is not None else []) + list(ids)
 
 
-def encode_response(tokenizer: PreTrainedTokenizerBase, response: str, eos: bool = True) -> list[int]:
+def encode_response(
+    tokenizer: PreTrainedTokenizerBase, response: str, eos: bool = True
+) -> list[int]:
     """Token ids of a response, closed by EOS unless `eos=False` (fixed-length responses)."""
     ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
     if eos and tokenizer.eos_token_id is not None:

@@ -95,7 +95,9 @@ class ModelSpec:
     def reward_model(self, tokenizer: PreTrainedTokenizerBase, path: str | Path | None = None):
         """A scalar-head sequence classifier (num_labels=1): from `path`, else freshly headed."""
         if path is not None:
-            return _load(AutoModelForSequenceClassification, path, self.trust_remote_code, self._dtype)
+            return _load(
+                AutoModelForSequenceClassification, path, self.trust_remote_code, self._dtype
+            )
         if self.is_tiny:
             config = self._tiny_config(tokenizer)
             config.num_labels = 1

@@ -17,19 +17,35 @@ from rlhf_lightning.modules.rollout import decode_responses, forward_logprobs, s
 
 
 @torch.no_grad()
-def sample_and_score(module, model, prompts: list[str], samples_per_prompt: int = 1,
-                     gold: Callable | None = None, batch_size: int = 64) -> dict:
+def sample_and_score(
+    module,
+    model,
+    prompts: list[str],
+    samples_per_prompt: int = 1,
+    gold: Callable | None = None,
+    batch_size: int = 64,
+) -> dict:
     """Responses of `model` to `prompts`, with per-sample proxy, gold, KL (k1 and k3) tensors [B]."""
     gen = module.generation
-    out: dict[str, list] = {"prompts": [], "responses": [], "proxy": [], "gold": [], "kl": [],
-                            "kl_k3": [], "length": []}
+    out: dict[str, list] = {
+        "prompts": [],
+        "responses": [],
+        "proxy": [],
+        "gold": [],
+        "kl": [],
+        "kl_k3": [],
+        "length": [],
+    }
     per_call = max(1, batch_size // samples_per_prompt)
     for start in range(0, len(prompts), per_call):
         chunk = prompts[start : start + per_call]
         ids, attn, mask, ended, _ = sample(model, module.tokenizer, chunk, samples_per_prompt, gen)
-        logp, _, _ = forward_logprobs(model, ids, attn, mask, gen.temperature, gen.allowed_token_ids)
-        ref, _, _ = forward_logprobs(module.reference, ids, attn, mask, gen.temperature,
-                                     gen.allowed_token_ids)
+        logp, _, _ = forward_logprobs(
+            model, ids, attn, mask, gen.temperature, gen.allowed_token_ids
+        )
+        ref, _, _ = forward_logprobs(
+            module.reference, ids, attn, mask, gen.temperature, gen.allowed_token_ids
+        )
         chunk_k = [p for p in chunk for _ in range(samples_per_prompt)]
         responses = decode_responses(module.tokenizer, ids, mask)
         out["prompts"] += chunk_k

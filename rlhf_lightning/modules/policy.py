@@ -73,6 +73,10 @@ class PolicyModule(L.LightningModule):
         return self._frozen["reward"]
 
     def on_fit_start(self) -> None:
+        # Dropout stays off in RL (as in TRL): log p at sampling time must equal log p at update
+        # time, or the PPO ratio and the KL are biased by dropout noise. (Lightning warns about
+        # modules in eval mode at the start of training; here that is intended.)
+        self.policy.eval()
         self.reference.to(self.device)
         if hasattr(self.reward, "to"):
             self.reward.to(self.device)

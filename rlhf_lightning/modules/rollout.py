@@ -68,14 +68,25 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def forward_logprobs(model, input_ids, attention_mask, response_mask, temperature=1.0,
-                     allowed_token_ids=None, hidden: bool = False):
+def forward_logprobs(
+    model,
+    input_ids,
+    attention_mask,
+    response_mask,
+    temperature=1.0,
+    allowed_token_ids=None,
+    hidden: bool = False,
+):
     """Per-token log p of the response tokens [B, T] (0 elsewhere), the logits, and hidden states.
 
     `logprobs[:, t]` is log p(input_ids[:, t] | input_ids[:, :t]) from `logits[:, t-1]`.
     """
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids(attention_mask), output_hidden_states=hidden)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        output_hidden_states=hidden,
+    )
     shifted = token_logprobs(out.logits[:, :-1], input_ids[:, 1:], temperature, allowed_token_ids)
     logprobs = torch.cat([torch.zeros_like(shifted[:, :1]), shifted], dim=1)  # [B, T]
     logprobs = torch.where(response_mask.bool(), logprobs, torch.zeros_like(logprobs))

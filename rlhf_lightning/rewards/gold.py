@@ -26,4 +26,6 @@ class GoldReward(RewardFunction):
         return self
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        return torch.as_tensor(self.task.gold_reward(list(prompts), list(responses)), dtype=torch.float32)
+        return torch.as_tensor(
+            self.task.gold_reward(list(prompts), list(responses)), dtype=torch.float32
+        )

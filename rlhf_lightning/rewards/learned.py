@@ -23,8 +23,13 @@ class LearnedReward(RewardFunction):
 
     name = "learned"
 
-    def __init__(self, path: str | None = None, normalise: bool = True, max_length: int = 256,
-                 batch_size: int = 64):
+    def __init__(
+        self,
+        path: str | None = None,
+        normalise: bool = True,
+        max_length: int = 256,
+        batch_size: int = 64,
+    ):
         self.path, self.normalise = path, normalise
         self.max_length, self.batch_size = max_length, batch_size
         self.model = self.tokenizer = None
@@ -55,8 +60,12 @@ class LearnedReward(RewardFunction):
         eos = self.tokenizer.eos_token_id
         seqs = []
         for prompt, response in zip(prompts, responses, strict=True):
-            p, r = truncate(encode_prompt(self.tokenizer, prompt),
-                            encode_response(self.tokenizer, response), self.max_length, eos)
+            p, r = truncate(
+                encode_prompt(self.tokenizer, prompt),
+                encode_response(self.tokenizer, response),
+                self.max_length,
+                eos,
+            )
             seqs.append(p + r)
         scores = []
         for start in range(0, len(seqs), self.batch_size):

@@ -53,8 +53,10 @@ def build_policy_module(ctx) -> PolicyModule:
         max_grad_norm=cfg.policy.max_grad_norm,
         exact=exact,
     )
-    module.identity = {"sft_sha256": content_hash(sft_path),
-                       "reward_sha256": getattr(reward, "sha256", None)}
+    module.identity = {
+        "sft_sha256": content_hash(sft_path),
+        "reward_sha256": getattr(reward, "sha256", None),
+    }
     return module
 
 
@@ -62,7 +64,10 @@ def run_policy(ctx) -> dict:
     cfg = ctx.cfg.policy
     module = build_policy_module(ctx)
     datamodule = PromptDataModule(ctx.data, module.tokenizer, cfg.prompts_per_step, ctx.cfg.seed)
-    trainer = ctx.trainer("policy", max_steps=cfg.steps, limit_val_batches=0)
+    # Lightning counts optimiser steps; `policy.steps` counts rollouts (sample → score → update)
+    algo = module.algorithm
+    per_rollout = 1 if algo.name == "exact" else algo.epochs * algo.minibatches
+    trainer = ctx.trainer("policy", max_steps=cfg.steps * per_rollout, limit_val_batches=0)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ctx.ckpt_path("policy"))
     result = {"beta": float(module.beta.value)}
     if trainer.is_global_zero:
@@ -76,7 +81,8 @@ def run_policy(ctx) -> dict:
             result.update(module.exact.summary(module.policy, module.beta.value))
             result["frontier"] = module.exact.frontier()
         manifest = {"stage": "policy", "metrics": final, **module.identity}
-        result["sha256"] = save_model_artifact(module.policy, module.tokenizer,
-                                               ctx.artifact("policy"), manifest)
+        result["sha256"] = save_model_artifact(
+            module.policy, module.tokenizer, ctx.artifact("policy"), manifest
+        )
         result["artifact"] = str(ctx.artifact("policy"))
     return result
