@@ -33,6 +33,8 @@ COLUMNS = [
     "optimum_gap",
     "exact_kl",
     "exact_reward",
+    "frontier_reward",
+    "above_frontier",
     "closure",
     "closure_vs_exact",
     "error",
@@ -65,7 +67,32 @@ def collect(sweep_dir: Path) -> list[dict]:
         row["_curve"] = _curve(job)
         rows.append(row)
     _add_closures(rows)
+    _add_frontier(rows)
     return rows
+
+
+def frontier_reward_at(frontier: list[dict], kl: float) -> float:
+    """Most reward any policy can have at KL `kl`: the optimal frontier, interpolated in KL.
+
+    The frontier {(KL(p*_β‖p_ref), E_{p*_β}[r])} is increasing in KL as β falls; beyond its
+    largest KL it is flat (no policy gains reward past the best response).
+    """
+    points = sorted((p["kl"], p["reward"]) for p in frontier)
+    if kl <= points[0][0]:
+        return points[0][1]
+    for (k0, r0), (k1, r1) in zip(points, points[1:]):
+        if k0 <= kl <= k1:
+            return r0 + (r1 - r0) * (kl - k0) / max(k1 - k0, 1e-12)
+    return points[-1][1]
+
+
+def _add_frontier(rows: list[dict]) -> None:
+    """Flag a job whose exact (KL, E[r]) lies above the optimal frontier: that would be a bug."""
+    for row in rows:
+        if row.get("_frontier") and "exact_kl" in row:
+            row["frontier_reward"] = frontier_reward_at(row["_frontier"], row["exact_kl"])
+            # interpolation between frontier points is a chord of a concave curve: a tolerance
+            row["above_frontier"] = row["exact_reward"] > row["frontier_reward"] + 1e-3
 
 
 def _metrics(last: dict) -> dict:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import TINY, compose, train_cli
+from helpers import TINY, TINY_MODEL, compose, train_cli
 
 from rlhf_lightning.report import main as report_main
 from rlhf_lightning.run import run
@@ -109,3 +109,47 @@ def test_launcher_configs_compose():
 def test_beta_sweep_experiment_composes():
     cfg = compose(["experiment=beta_sweep"])
     assert cfg.stage.name == "policy"
+
+
+@pytest.mark.slow
+def test_oracle_beta_sweep_stays_under_the_optimal_frontier(tmp_path: Path):
+    """4 β values on the exact task: KL falls as β grows, no job beats the frontier, gaps reported."""
+    oracle = [
+        "task=oracle",
+        "task.n_sft=400",
+        "task.n_sft_val=64",
+        "task.n_pairs_train=64",
+        "task.n_pairs_val=32",
+        "task.n_pairs_test=32",
+        *TINY_MODEL,
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+    ]
+    run(compose(["stage=sft", "sft.max_epochs=2", *oracle], tmp_path))
+    sweep = tmp_path / "sweep"
+    proc = train_cli(
+        [
+            "-m",
+            "stage=policy",
+            "reward=gold",
+            "algo.beta=0.1,0.3,1,3",
+            "policy.steps=40",
+            "policy.prompts_per_step=8",
+            "policy.optimizer.lr=2e-3",
+            "policy.eval_samples=16",
+            "callbacks=none",
+            *oracle,
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = sorted(_read_table(sweep), key=lambda r: float(r["beta"]))
+    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
+    kls = [float(r["exact_kl"]) for r in rows]
+    assert kls == sorted(kls, reverse=True), f"KL must fall as β grows: {kls}"
+    assert not any(r["above_frontier"] == "True" for r in rows), rows
+    for r in rows:  # each job reports its gap to J*_β and its closure
+        assert float(r["optimum_gap"]) >= -1e-4 and r["closure"] != ""
+    print((sweep / "report.md").read_text())

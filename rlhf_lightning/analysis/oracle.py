@@ -65,7 +65,7 @@ class OracleEvaluator:
 
     def frontier(self, betas: list[float] | None = None) -> list[dict]:
         """The exact optimal reward–KL frontier {(KL(p*_β‖p_ref), E_{p*_β}[r])} over a β grid."""
-        betas = betas or [float(b) for b in torch.logspace(-2, 1, 31)]
+        betas = betas or [float(b) for b in torch.logspace(-2.5, 1.5, 161)]
         return [
             {k: float(v) for k, v in point.items()}
             for point in optimal_frontier(self.ref_logprobs, self.rewards, betas)
