@@ -68,7 +68,18 @@ def collect(sweep_dir: Path) -> list[dict]:
         rows.append(row)
     _add_closures(rows)
     _add_frontier(rows)
+    _keep_swept_overrides(rows)
     return rows
+
+
+def _keep_swept_overrides(rows: list[dict]) -> None:
+    """Show only the overrides that differ between jobs (the swept values)."""
+    parts = [set((r.get("overrides") or "").split()) for r in rows]
+    common = set.intersection(*parts) if parts else set()
+    for row in rows:
+        row["overrides"] = " ".join(
+            o for o in (row.get("overrides") or "").split() if o not in common
+        )
 
 
 def frontier_reward_at(frontier: list[dict], kl: float) -> float:
