@@ -19,6 +19,7 @@ from torchmetrics.classification import BinaryAccuracy
 
 from rlhf_lightning.errors import NumericalError
 from rlhf_lightning.losses.bradley_terry import bradley_terry_loss
+from rlhf_lightning.modules.optim import optimizers_with_schedule
 
 
 class RewardModelModule(L.LightningModule):
@@ -105,17 +106,12 @@ class RewardModelModule(L.LightningModule):
         self.reward_model.train()  # `from_pretrained` gives eval mode; dropout belongs to training
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.reward_model.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        # schedules such as transformers.get_cosine_schedule_with_warmup need the run length
-        scheduler = self.scheduler_factory(
-            optimizer, num_training_steps=int(self.trainer.estimated_stepping_batches)
+        return optimizers_with_schedule(
+            self.reward_model.parameters(),
+            self.optimizer_factory,
+            self.scheduler_factory,
+            int(self.trainer.estimated_stepping_batches),
         )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
 
     def _score_pairs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         rewards = self(batch["input_ids"], batch["attention_mask"])  # [2B]: chosen then rejected

@@ -17,6 +17,7 @@ from torchmetrics import MeanMetric
 from rlhf_lightning.errors import NumericalError
 from rlhf_lightning.losses.masked import masked_mean
 from rlhf_lightning.models.logprobs import sequence_logprobs
+from rlhf_lightning.modules.optim import optimizers_with_schedule
 
 
 class SFTModule(L.LightningModule):
@@ -60,13 +61,9 @@ class SFTModule(L.LightningModule):
         self.policy.train()  # `from_pretrained` returns eval mode; dropout belongs to training
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.policy.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(
-            optimizer, num_training_steps=int(self.trainer.estimated_stepping_batches)
+        return optimizers_with_schedule(
+            self.policy.parameters(),
+            self.optimizer_factory,
+            self.scheduler_factory,
+            int(self.trainer.estimated_stepping_batches),
         )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }

@@ -1,0 +1,394 @@
+"""Shared parts of the benchmarks: workspace, worker processes, step clocks, peak RSS, tables.
+
+Isolation: each measured run executes in its own worker process (`python <script> --worker SIDE`),
+so imports and peak RSS belong to one side only, and the runs of the two sides are interleaved
+(ours, trl, ours, trl, ...) so that load drift on a shared machine hits both alike. `--quick` (a
+seconds-long smoke run) and `--in-process` run everything in one process instead; peak RSS is then
+the process's, not one side's, and the JSON says so (`rss_isolated: false`).
+
+Throughput is steady state: measured between the end of step `warmup` and the end of the last
+step, so start-up (imports, tokenisation, trainer construction, the first slow steps) is excluded;
+`setup_s` and `total_s` report it separately. This module imports neither torch nor trl at module
+level, so the parent process stays small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+TRL_MISSING = "trl not installed: ours only"
+TINY_CONFIG = dict(  # conf/model/tiny.yaml
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=256,
+)
+QUIET_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_MODE": "disabled",
+}
+
+
+def has_trl() -> bool:
+    return importlib.util.find_spec("trl") is not None
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes (worker options are internal)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument(
+        "--quick", action="store_true", help="seconds-long smoke run; implies --in-process"
+    )
+    p.add_argument("--runs", type=int, default=3, help="measured runs per side (median reported)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (both sides)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ours-only", action="store_true", help="skip TRL even when installed")
+    p.add_argument("--in-process", action="store_true", help="no worker processes")
+    p.add_argument("--workdir", type=Path, default=None, help="data/models cache (default: tmp)")
+    p.add_argument("--results", type=Path, default=RESULTS_DIR, help="where the JSON goes")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    return p
+
+
+def setup_process(threads: int) -> None:
+    """Quiet, offline, and a fixed thread count: the same conditions for every side."""
+    import warnings
+
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+    import torch
+
+    torch.set_num_threads(threads)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
+def quiet_lightning() -> None:
+    """Lightning sets its logger to INFO on import: call after importing it."""
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB."""
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
+    except ImportError:  # Windows
+        import psutil
+
+        return psutil.Process().memory_info().peak_wset / 2**20
+
+
+class StepClock:
+    """When each optimisation step ended; `steady(warmup)`: (steps, seconds) after the warm-up."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def mark(self) -> None:
+        self.ends.append(time.perf_counter())
+
+    def steady(self, warmup: int) -> tuple[int, float]:
+        if len(self.ends) <= warmup:
+            raise RuntimeError(f"only {len(self.ends)} steps ran; need more than warmup={warmup}")
+        start = self.ends[warmup - 1] if warmup > 0 else self.started
+        return len(self.ends) - warmup, self.ends[-1] - start
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def median_step(self, warmup: int) -> float:
+        """Median duration of the steps after the warm-up (robust to load spikes)."""
+        ends = [self.started, *self.ends][warmup:]
+        return statistics.median(b - a for a, b in zip(ends, ends[1:]))
+
+
+def lightning_clock(clock: StepClock):
+    """A Lightning callback marking the end of each training batch on `clock`."""
+    import lightning as L
+
+    quiet_lightning()
+
+    class _Clock(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            clock.start()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            clock.mark()
+
+    return _Clock()
+
+
+def trl_clock(clock: StepClock):
+    """A transformers `TrainerCallback` marking the end of each optimisation step on `clock`."""
+    from transformers import TrainerCallback
+
+    class _Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            clock.start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.mark()
+
+    return _Clock()
+
+
+@dataclass
+class Workspace:
+    """Generated data, tokenizers and initial models shared by every run (made once)."""
+
+    root: str
+    data_dir: str  # ReviewsTask files in data_dir/reviews
+    tokenizer_dir: str  # ours: `<s> text </s>` (rlhf_lightning/models/tokenizer.py)
+    trl_tokenizer_dir: str  # same vocabulary, BOS only: TRL appends EOS text itself
+    policy_dir: str  # tiny Llama causal LM (random init, seed)
+    reward_dir: str  # tiny Llama seq-cls RM artifact with reward_stats (random init, seed)
+
+
+def task_settings(n_pairs_train: int, n_pairs_val: int, seed: int) -> dict:
+    return dict(
+        seed=seed,
+        n_sft=16,
+        n_pairs_train=n_pairs_train,
+        n_pairs_val=n_pairs_val,
+        n_pairs_test=8,
+        n_prompts_train=512,
+        n_prompts_eval=16,
+    )
+
+
+def prepare_workspace(root: Path, settings: dict, seed: int) -> Workspace:
+    """Write the reviews task, train the tokenizer, save the initial models (idempotent)."""
+    import copy
+
+    import torch
+    from tokenizers import processors
+
+    from rlhf_lightning.artifacts import save_model_artifact
+    from rlhf_lightning.models.factory import ModelSpec
+    from rlhf_lightning.tasks.reviews import ReviewsTask
+
+    root = Path(root)
+    ws = Workspace(
+        str(root),
+        str(root / "data"),
+        str(root / "tokenizer"),
+        str(root / "tokenizer_trl"),
+        str(root / "policy"),
+        str(root / "rm"),
+    )
+    task = ReviewsTask(**settings)
+    task.write(Path(ws.data_dir) / task.name)
+    spec = ModelSpec(config=TINY_CONFIG)
+    tokenizer = spec.tokenizer(task.corpus, cache_dir=Path(ws.tokenizer_dir))
+    if not (Path(ws.trl_tokenizer_dir) / "tokenizer_config.json").exists():
+        trl_tokenizer = copy.deepcopy(tokenizer)  # the convention of Llama tokenizers TRL expects
+        trl_tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{tokenizer.bos_token} $A",
+            special_tokens=[(tokenizer.bos_token, tokenizer.bos_token_id)],
+        )
+        trl_tokenizer.save_pretrained(ws.trl_tokenizer_dir)
+    if not (Path(ws.policy_dir) / "config.json").exists():
+        torch.manual_seed(seed)
+        policy = spec.causal_lm(tokenizer)
+        policy.save_pretrained(ws.policy_dir)
+        tokenizer.save_pretrained(ws.policy_dir)
+    if not (Path(ws.reward_dir) / "config.json").exists():
+        torch.manual_seed(seed + 1)
+        manifest = {"stage": "rm", "reward_stats": {"mean": 0.0, "std": 1.0}}
+        save_model_artifact(spec.reward_model(tokenizer), tokenizer, Path(ws.reward_dir), manifest)
+    return ws
+
+
+def run_worker(script: Path, side: str, spec: dict, threads: int, timeout: float = 3600) -> dict:
+    """Run `script --worker side` in a fresh interpreter; return the JSON it wrote."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        env = {**os.environ, **QUIET_ENV, "OMP_NUM_THREADS": str(threads)}
+        cmd = [
+            sys.executable,
+            str(script),
+            "--worker",
+            side,
+            "--spec",
+            str(spec_path),
+            "--out",
+            str(out_path),
+            "--threads",
+            str(threads),
+        ]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"worker {side} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        return json.loads(out_path.read_text())
+
+
+def worker_main(args: argparse.Namespace, workers: dict[str, Callable[[dict], dict]]) -> None:
+    """Body of `--worker SIDE`: run one side on the spec and write its result."""
+    setup_process(args.threads)
+    spec = json.loads(args.spec.read_text())
+    result = workers[args.worker](spec)
+    result["peak_rss_mb"] = peak_rss_mb()
+    args.out.write_text(json.dumps(result))
+
+
+def measure(
+    script: Path,
+    args: argparse.Namespace,
+    sides: Sequence[str],
+    spec: dict,
+    workers: dict[str, Callable[[dict], dict]],
+    runs: int,
+) -> dict[str, list[dict]]:
+    """`runs` results per side, interleaved; in workers unless in-process."""
+    results: dict[str, list[dict]] = {side: [] for side in sides}
+    for run in range(runs):
+        for side in sides:
+            if args.in_process:
+                result = workers[side](spec)
+                result["peak_rss_mb"] = peak_rss_mb()
+            else:
+                result = run_worker(script, side, spec, args.threads)
+            print(f"  run {run + 1}/{runs} {side}: {brief(result)}", flush=True)
+            results[side].append(result)
+    return results
+
+
+def brief(result: dict) -> str:
+    keys = ("throughput", "step_s", "accuracy", "peak_rss_mb")
+    return ", ".join(f"{k}={result[k]:.4g}" for k in keys if isinstance(result.get(k), float))
+
+
+def median(results: list[dict], key: str) -> float | None:
+    values = [r[key] for r in results if isinstance(r.get(key), int | float)]
+    return statistics.median(values) if values else None
+
+
+def ratios(results: dict[str, list[dict]], unit: str) -> dict[str, float] | None:
+    """Ours / TRL throughput three ways (None without TRL), printed on one line.
+
+    of_medians: median ours / median TRL. paired: median over runs i of ours_i / trl_i (run i of
+    both sides ran back to back, so slow drift of the machine's load cancels). median_step: TRL's
+    median step time / ours (robust to load spikes inside a run).
+    """
+    if "trl" not in results:
+        return None
+    ours, trl = results["ours"], results["trl"]
+    out = {
+        "of_medians": median(ours, "throughput") / median(trl, "throughput"),
+        "paired": statistics.median(o["throughput"] / t["throughput"] for o, t in zip(ours, trl)),
+        "median_step": median(trl, "median_step_s") / median(ours, "median_step_s"),
+    }
+    print(f"\nours / TRL {unit}: " + ", ".join(f"{v:.2f} ({k})" for k, v in out.items()))
+    return out
+
+
+def workspace_for(args: argparse.Namespace, settings: dict) -> Workspace:
+    """Prepare the workspace (in a worker unless in-process, so the parent never imports torch)."""
+    root = args.workdir or Path(tempfile.gettempdir()) / f"rlhf-bench-{_digest(settings)}"
+    if args.in_process:
+        setup_process(args.threads)
+        return prepare_workspace(root, settings, args.seed)
+    spec = {"root": str(root), "settings": settings, "seed": args.seed}
+    made = run_worker(Path(sys.argv[0]).resolve(), "prepare", spec, args.threads)
+    made.pop("peak_rss_mb")
+    return Workspace(**made)
+
+
+def prepare_worker(spec: dict) -> dict:
+    return asdict(prepare_workspace(Path(spec["root"]), spec["settings"], spec["seed"]))
+
+
+def _digest(obj) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def environment(args: argparse.Namespace) -> dict:
+    """Versions and machine facts recorded with every result."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("torch", "transformers", "lightning", "trl", "accelerate", "datasets"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return {
+        "versions": versions,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "threads": args.threads,
+        "rss_isolated": not args.in_process,
+        "quick": args.quick,
+    }
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence]) -> None:
+    """A plain-text table with right-aligned columns."""
+    cells = [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    line = "  ".join(h.rjust(w) for h, w in zip(header, widths))
+    print(f"\n{title}\n{line}\n{'-' * len(line)}")
+    for row in cells:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def write_json(args: argparse.Namespace, name: str, payload: dict) -> Path:
+    """benchmarks/results/<name>.json (`<name>.quick.json` for smoke runs)."""
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / f"{name}{'.quick' if args.quick else ''}.json"
+    payload = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **payload}
+    path.write_text(json.dumps(payload, indent=2))
+    print(f"\nresults written to {path}")
+    return path

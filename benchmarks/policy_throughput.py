@@ -1,0 +1,422 @@
+"""Policy-stage throughput (completions/s): `PolicyModule` (algo=rloo) vs `trl.RLOOTrainer`.
+
+Both sides start from the same tiny Llama policy (random init, saved once; its copy is the frozen
+reference) and score with the same tiny seq-cls reward model, in fp32 on the CPU. Matched per
+step: prompts per step P, samples per prompt k, response length max_new_tokens T (sampling at
+temperature 1, no top-k/top-p), one optimisation epoch over one minibatch (one AdamW step, lr 2e-4,
+betas (0.9, 0.95), grad-norm clip 1), β > 0 so both compute reference log-probs, and both compute
+log p_old with a separate no-grad forward. TRL ≥ 1.0 implements RLOO on its GRPO-style trainer:
+`per_device_train_batch_size` counts completions (P·k), `num_generations` is k, `num_iterations` is
+the number of epochs. A random-init policy rarely samples EOS, so responses run to T on both sides
+(the mean length is reported).
+
+The time of each of our steps is split into phases by wrapping the functions `PolicyModule` calls
+(`sample`, `forward_logprobs`, `entropy_from_logits`, `decode_responses`, the reward and `_update`)
+with `time.perf_counter`; the same is done on TRL's trainer methods for comparison.
+
+    python benchmarks/policy_throughput.py [--quick] [--runs N] [--prompts P] [--k K] [--tokens T]
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import common
+
+SCRIPT = Path(__file__).resolve()
+PHASES = ("generate", "policy_logprobs", "reference_logprobs", "reward", "update", "other")
+
+
+class PhaseTimer:
+    """Seconds per phase of each optimisation step (a step closes at `close_step`)."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, float] = defaultdict(float)
+        self.steps: list[dict[str, float]] = []
+        self.lengths: list[float] = []
+
+    def timed(self, name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.current[name] += time.perf_counter() - start
+
+        return wrapper
+
+    def close_step(self, step_s: float) -> None:
+        self.current["step"] = step_s
+        self.steps.append(dict(self.current))
+        self.current.clear()
+
+    def summary(self, warmup: int, derive) -> dict[str, float]:
+        """Mean seconds per steady step of each phase; `derive` fills the derived phases."""
+        steady = [derive(dict(s)) for s in self.steps[warmup:]]
+        keys = sorted({k for s in steady for k in s})
+        return {k: sum(s.get(k, 0.0) for s in steady) / len(steady) for k in keys}
+
+
+class _TimedReward:
+    def __init__(self, reward, timer: PhaseTimer):
+        self.reward, self.timer = reward, timer
+
+    def to(self, device):
+        self.reward.to(device)
+        return self
+
+    def __call__(self, prompts, responses):
+        return self.timer.timed("reward", self.reward)(prompts, responses)
+
+
+def _clock_callback(clock: common.StepClock, timer: PhaseTimer):
+    import lightning as L
+
+    common.quiet_lightning()
+
+    class _Clock(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            clock.start()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            clock.mark()
+            previous = clock.ends[-2] if len(clock.ends) > 1 else clock.started
+            timer.close_step(clock.ends[-1] - previous)
+
+    return _Clock()
+
+
+def instrument_ours(module, timer: PhaseTimer):
+    """Wrap what `PolicyModule.training_step` calls with phase timers (no change to the maths).
+
+    Returns a function that puts the module-level functions back.
+    """
+    import torch
+
+    import rlhf_lightning.modules.policy as policy_module
+
+    sample = policy_module.sample
+
+    def timed_sample(*args, **kwargs):
+        out = timer.timed("generate", sample)(*args, **kwargs)
+        timer.lengths.append(float(out[2].sum(-1).float().mean()))  # response tokens incl. EOS
+        return out
+
+    forward = policy_module.forward_logprobs
+
+    def timed_forward(model, *args, **kwargs):
+        if torch.is_grad_enabled():  # the update's own forward: inside `_update`
+            return forward(model, *args, **kwargs)
+        name = "reference_logprobs" if model is module.reference else "policy_logprobs"
+        return timer.timed(name, forward)(model, *args, **kwargs)
+
+    names = ("sample", "forward_logprobs", "entropy_from_logits", "decode_responses")
+    originals = {name: getattr(policy_module, name) for name in names}
+    policy_module.sample = timed_sample
+    policy_module.forward_logprobs = timed_forward
+    policy_module.entropy_from_logits = timer.timed(
+        "policy_logprobs", policy_module.entropy_from_logits
+    )
+    policy_module.decode_responses = timer.timed("reward", policy_module.decode_responses)
+    module._frozen["reward"] = _TimedReward(module._frozen["reward"], timer)
+    module._update = timer.timed("update", module._update)
+    module.rollout = timer.timed("rollout", module.rollout)
+    return lambda: [setattr(policy_module, k, v) for k, v in originals.items()]
+
+
+def _ours_other(s: dict) -> dict:
+    s["other"] = s["step"] - s.get("rollout", 0.0) - s.get("update", 0.0)  # loop, logging, β
+    s["rollout_other"] = s.pop("rollout", 0.0) - sum(
+        s.get(k, 0.0) for k in ("generate", "policy_logprobs", "reference_logprobs", "reward")
+    )
+    return s
+
+
+def run_ours(spec: dict) -> dict:
+    """`PolicyModule` (rloo, fixed β) + `PromptDataModule` + `lightning.Trainer`."""
+    from functools import partial
+
+    import lightning as L
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_lightning.control.beta import FixedBeta
+    from rlhf_lightning.data.prompts import PromptDataModule
+    from rlhf_lightning.data.spec import TaskData
+    from rlhf_lightning.models.factory import ModelSpec
+    from rlhf_lightning.modules.algorithm import Algorithm
+    from rlhf_lightning.modules.policy import PolicyModule
+    from rlhf_lightning.modules.rollout import GenerationSettings
+    from rlhf_lightning.rewards.learned import LearnedReward
+    from rlhf_lightning.tasks.reviews import ReviewsTask
+
+    start = time.perf_counter()
+    ws = common.Workspace(**spec["workspace"])
+    tokenizer = AutoTokenizer.from_pretrained(ws.tokenizer_dir)
+    ctx = _Context(ModelSpec(config=common.TINY_CONFIG), Path(ws.reward_dir))
+    torch.manual_seed(spec["seed"])
+    module = PolicyModule(
+        policy=AutoModelForCausalLM.from_pretrained(ws.policy_dir),
+        reference=AutoModelForCausalLM.from_pretrained(ws.policy_dir),
+        reward=LearnedReward(path=ws.reward_dir).setup(ctx),
+        tokenizer=tokenizer,
+        algorithm=Algorithm(name="rloo", group_size=spec["k"], epochs=1, minibatches=1),
+        beta_controller=FixedBeta(spec["beta"]),
+        optimizer=partial(torch.optim.AdamW, lr=spec["lr"], weight_decay=0.0, betas=(0.9, 0.95)),
+        generation=GenerationSettings(max_new_tokens=spec["tokens"]),
+        max_grad_norm=1.0,
+    )
+    timer, clock = PhaseTimer(), common.StepClock()
+    restore = instrument_ours(module, timer) if spec.get("phases", True) else lambda: None
+    data = TaskData(ReviewsTask(**spec["task"]), ws.data_dir)
+    datamodule = PromptDataModule(data, tokenizer, spec["prompts"], spec["seed"])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        max_steps=spec["steps"],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[_clock_callback(clock, timer)],
+    )
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        restore()
+    return _result(spec, clock, timer, start, _ours_other)
+
+
+class _Context:
+    """What `LearnedReward.setup` reads from a run context."""
+
+    def __init__(self, model_spec, reward_dir: Path):
+        self.model_spec, self.reward_dir = model_spec, reward_dir
+
+    def artifact(self, stage: str) -> Path:
+        return self.reward_dir
+
+
+def _result(spec: dict, clock, timer: PhaseTimer, start: float, derive) -> dict:
+    steps, seconds = clock.steady(spec["warmup"])
+    completions = spec["prompts"] * spec["k"]
+    return {
+        "throughput": steps * completions / seconds,  # completions/s
+        "step_s": seconds / steps,
+        "median_step_s": clock.median_step(spec["warmup"]),
+        "steps": len(clock.ends),
+        "setup_s": clock.started - start,
+        "total_s": time.perf_counter() - start,
+        "response_length": (sum(timer.lengths) / len(timer.lengths)) if timer.lengths else None,
+        "phases": timer.summary(spec["warmup"], derive) if timer.steps else {},
+    }
+
+
+def instrument_trl(trainer, timer: PhaseTimer) -> None:
+    """Wrap `RLOOTrainer`'s rollout methods with the same phase timers."""
+    import torch
+
+    generate = trainer._generate
+
+    def timed_generate(prompts):
+        out = timer.timed("generate", generate)(prompts)
+        timer.lengths.append(sum(len(c) for c in out[1]) / len(out[1]))
+        return out
+
+    logprobs = trainer._get_per_token_logps_and_entropies
+
+    def timed_logprobs(model, *args, **kwargs):
+        if torch.is_grad_enabled():
+            return logprobs(model, *args, **kwargs)
+        name = "reference_logprobs" if model is trainer.ref_model else "policy_logprobs"
+        return timer.timed(name, logprobs)(model, *args, **kwargs)
+
+    trainer._generate = timed_generate
+    trainer._get_per_token_logps_and_entropies = timed_logprobs
+    trainer._calculate_rewards = timer.timed("reward", trainer._calculate_rewards)
+    trainer._generate_and_score_completions = timer.timed(
+        "rollout", trainer._generate_and_score_completions
+    )
+
+
+def _trl_other(s: dict) -> dict:
+    s["update"] = s["step"] - s.get("rollout", 0.0)  # loss, backward, step and the loop
+    s["rollout_other"] = s.pop("rollout", 0.0) - sum(
+        s.get(k, 0.0) for k in ("generate", "policy_logprobs", "reference_logprobs", "reward")
+    )
+    return s
+
+
+def run_trl(spec: dict) -> dict:
+    """`trl.RLOOTrainer` + `RLOOConfig` with the same model, reward model, prompts and sizes."""
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    start = time.perf_counter()
+    ws = common.Workspace(**spec["workspace"])
+    prompts_file = Path(ws.data_dir) / "reviews" / "prompts_train.jsonl"
+    dataset = Dataset.from_list(common.read_jsonl(prompts_file))
+    timer, clock = PhaseTimer(), common.StepClock()
+
+    class _Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            clock.start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.mark()
+            previous = clock.ends[-2] if len(clock.ends) > 1 else clock.started
+            timer.close_step(clock.ends[-1] - previous)
+
+    with tempfile.TemporaryDirectory(prefix="trl-rloo-") as out:
+        config = RLOOConfig(
+            output_dir=out,
+            per_device_train_batch_size=spec["prompts"] * spec["k"],
+            num_generations=spec["k"],
+            max_completion_length=spec["tokens"],
+            num_iterations=1,
+            beta=spec["beta"],
+            epsilon=0.2,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            learning_rate=spec["lr"],
+            weight_decay=0.0,
+            adam_beta2=0.95,
+            optim="adamw_torch",
+            lr_scheduler_type="constant",
+            max_grad_norm=1.0,
+            max_steps=spec["steps"],
+            gradient_checkpointing=False,
+            bf16=False,
+            fp16=False,
+            use_cpu=True,
+            seed=spec["seed"],
+            report_to="none",
+            logging_strategy="no",
+            save_strategy="no",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            dataloader_pin_memory=False,
+        )
+        trainer = RLOOTrainer(
+            model=ws.policy_dir,
+            reward_funcs=AutoModelForSequenceClassification.from_pretrained(ws.reward_dir),
+            args=config,
+            train_dataset=dataset,
+            processing_class=AutoTokenizer.from_pretrained(
+                ws.trl_tokenizer_dir, padding_side="left"
+            ),
+            reward_processing_classes=AutoTokenizer.from_pretrained(ws.trl_tokenizer_dir),
+            callbacks=[_Clock()],
+        )
+        trainer.remove_callback(PrinterCallback)
+        if spec.get("phases", True):
+            instrument_trl(trainer, timer)
+        trainer.train()
+    return _result(spec, clock, timer, start, _trl_other)
+
+
+WORKERS = {"ours": run_ours, "trl": run_trl, "prepare": common.prepare_worker}
+
+
+def policy_spec(args, ws: common.Workspace, settings: dict, **overrides) -> dict:
+    spec = {
+        "workspace": vars(ws),
+        "task": settings,
+        "seed": args.seed,
+        "prompts": args.prompts,
+        "k": args.k,
+        "tokens": args.tokens,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "beta": 0.05,
+        "lr": 2e-4,  # conf/algo/rloo.yaml, conf/policy/default.yaml
+    }
+    return {**spec, **overrides}
+
+
+def add_policy_options(p) -> None:
+    p.add_argument("--prompts", type=int, default=16, help="prompts per step (P)")
+    p.add_argument("--k", type=int, default=4, help="samples per prompt")
+    p.add_argument("--tokens", type=int, default=32, help="max_new_tokens (T)")
+    p.add_argument("--steps", type=int, default=8, help="optimisation steps per run")
+    p.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
+
+
+def main() -> None:
+    p = common.parser(__doc__.splitlines()[0])
+    add_policy_options(p)
+    args = p.parse_args()
+    if args.worker:
+        return common.worker_main(args, WORKERS)
+    if args.quick:
+        args.in_process, args.runs = True, 1
+        args.prompts, args.k, args.tokens, args.steps, args.warmup = 4, 2, 8, 3, 1
+    sides = ["ours"]
+    if args.ours_only:
+        print("--ours-only: ours only")
+    elif common.has_trl():
+        sides.append("trl")
+    else:
+        print(common.TRL_MISSING)
+    settings = common.task_settings(64, 16, args.seed)
+    ws = common.workspace_for(args, settings)
+    spec = policy_spec(args, ws, settings)
+    print(
+        f"policy throughput: {args.prompts} prompts x k={args.k} = {args.prompts * args.k} "
+        f"completions/step, T={args.tokens}, {args.steps} steps ({args.warmup} warm-up), "
+        f"{args.runs} run(s) per side, {args.threads} thread(s)"
+    )
+    results = common.measure(SCRIPT, args, sides, spec, WORKERS, args.runs)
+    report(args, spec, results)
+
+
+def median_phases(runs: list[dict]) -> dict[str, float]:
+    keys = sorted({k for r in runs for k in r["phases"]})
+    return {k: common.median([r["phases"] for r in runs], k) for k in keys}
+
+
+def report(args, spec: dict, results: dict[str, list[dict]]) -> None:
+    med = {
+        side: {k: common.median(runs, k) for k in runs[0] if k != "phases"}
+        for side, runs in results.items()
+    }
+    phases = {side: median_phases(runs) for side, runs in results.items()}
+    columns = {
+        "completions/s": "throughput",
+        "s/step": "step_s",
+        "median s/step": "median_step_s",
+        "resp len": "response_length",
+        "setup s": "setup_s",
+        "peak RSS MiB": "peak_rss_mb",
+    }
+    rows = [
+        [side, len(results[side]), *(m[k] for k in columns.values())] for side, m in med.items()
+    ]
+    common.print_table("policy stage (medians)", ["side", "runs", *columns], rows)
+    names = ["step", *PHASES[:-2], "rollout_other", "update", "other"]
+    common.print_table(
+        "time per step by phase, s (medians; TRL 'update' includes its training loop)",
+        ["side", *names],
+        [[side, *(phases[side].get(n) for n in names)] for side in phases],
+    )
+    ratio = common.ratios(results, "completions/s")
+    payload = {"spec": spec, "median": med, "phases": phases, "ratio_completions_per_s": ratio}
+    common.write_json(
+        args,
+        "policy_throughput",
+        {"environment": common.environment(args), **payload, "runs": results},
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Reward-model training throughput (pairs/s): `RewardModelModule` vs `trl.RewardTrainer`.
+
+Both sides train the same tiny Llama (conf/model/tiny.yaml, `LlamaForSequenceClassification`,
+num_labels=1, the same init seed) with the Bradley–Terry loss on the same 2,048 pairs of the
+built-in reviews task, in fp32 on the CPU, with the same batch size, max length, AdamW
+(lr, weight decay), cosine schedule with warm-up and number of steps; no gradient clipping,
+checkpointing, logging or progress bars. TRL reads the pairs in its preference format
+(prompt/chosen/rejected text) and tokenises them itself: its tokenizer is ours with a BOS-only
+post-processor (TRL appends the EOS text), so both sides train on identical token ids (checked).
+After training, one evaluator scores the held-out pairs for both (accuracy = P[r⁺ > r⁻]).
+
+    python benchmarks/rm_throughput.py [--quick] [--runs N] [--epochs E]
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import common
+
+SCRIPT = Path(__file__).resolve()
+
+
+def build_reward_model(tokenizer, seed: int):
+    """The tiny seq-cls Llama both sides start from (same seed, same init)."""
+    import torch
+
+    from rlhf_lightning.models.factory import ModelSpec
+
+    torch.manual_seed(seed)
+    return ModelSpec(config=common.TINY_CONFIG).reward_model(tokenizer)
+
+
+def count_tokens(model) -> dict:
+    """Counts real and padded tokens of every training forward pass (hook on `model`)."""
+    counts = {"real": 0, "padded": 0}
+
+    def hook(module, args, kwargs):
+        if module.training and kwargs.get("attention_mask") is not None:
+            counts["real"] += int(kwargs["attention_mask"].sum())
+            counts["padded"] += kwargs["attention_mask"].numel()
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return counts
+
+
+def pair_accuracy(model, tokenizer, records, max_length: int, batch_size: int = 128) -> float:
+    """P[r(chosen) > r(rejected)] on `records` (ties count as wrong)."""
+    import torch
+
+    from rlhf_lightning.data.preference import PreferenceCollator, encode_pair
+
+    collate = PreferenceCollator(tokenizer.pad_token_id)
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for start in range(0, len(records), batch_size):
+            items = [
+                encode_pair(tokenizer, r, max_length) for r in records[start : start + batch_size]
+            ]
+            batch = collate(items)
+            scores = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+            chosen, rejected = scores[:, 0].chunk(2)
+            correct += int((chosen > rejected).sum())
+    return correct / len(records)
+
+
+def _load(spec: dict):
+    from transformers import AutoTokenizer
+
+    from rlhf_lightning.data.spec import TaskData
+    from rlhf_lightning.tasks.reviews import ReviewsTask
+
+    ws = common.Workspace(**spec["workspace"])
+    data = TaskData(ReviewsTask(**spec["task"]), ws.data_dir)
+    return ws, data, AutoTokenizer.from_pretrained(ws.tokenizer_dir)
+
+
+def _result(spec, clock, counts, setup_s, total_s, model, tokenizer, data) -> dict:
+    steps, seconds = clock.steady(spec["warmup"])
+    val = data.load("prefs", "val").records
+    return {
+        "throughput": steps * spec["batch_size"] / seconds,  # pairs/s
+        "step_s": seconds / steps,
+        "median_step_s": clock.median_step(spec["warmup"]),
+        "steps": len(clock.ends),
+        "setup_s": setup_s,
+        "total_s": total_s,
+        "padding_fraction": 1 - counts["real"] / max(counts["padded"], 1),
+        "accuracy": pair_accuracy(model, tokenizer, val, spec["max_length"]),
+    }
+
+
+def run_ours(spec: dict) -> dict:
+    """`RewardModelModule` + `PreferenceDataModule` + `lightning.Trainer`."""
+    import lightning as L
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    from rlhf_lightning.data.preference import PreferenceDataModule
+    from rlhf_lightning.modules.reward_model import RewardModelModule
+
+    start = time.perf_counter()
+    ws, data, tokenizer = _load(spec)
+    model = build_reward_model(tokenizer, spec["seed"])
+    counts = count_tokens(model)
+    module = RewardModelModule(
+        model,
+        optimizer=partial(torch.optim.AdamW, lr=spec["lr"], weight_decay=spec["weight_decay"]),
+        scheduler=partial(get_cosine_schedule_with_warmup, num_warmup_steps=spec["warmup_steps"]),
+        use_margin=False,
+    )
+    datamodule = PreferenceDataModule(
+        data,
+        tokenizer,
+        batch_size=spec["batch_size"],
+        max_length=spec["max_length"],
+        seed=spec["seed"],
+    )
+    clock = common.StepClock()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        max_steps=spec["steps"],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[common.lightning_clock(clock)],
+    )
+    trainer.fit(module, datamodule=datamodule)
+    total_s = time.perf_counter() - start
+    return _result(spec, clock, counts, clock.started - start, total_s, model, tokenizer, data)
+
+
+def run_trl(spec: dict) -> dict:
+    """`trl.RewardTrainer` + `RewardConfig`: the same model init, the same pairs (TRL format)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from transformers.trainer_callback import PrinterCallback
+    from trl import RewardConfig, RewardTrainer
+
+    start = time.perf_counter()
+    ws, data, tokenizer = _load(spec)
+    trl_tokenizer = AutoTokenizer.from_pretrained(ws.trl_tokenizer_dir)
+    rows = common.read_jsonl(Path(ws.data_dir) / "reviews" / "prefs_train.jsonl")
+    _check_same_ids(tokenizer, trl_tokenizer, rows[:256], spec["max_length"])
+    model = build_reward_model(tokenizer, spec["seed"])
+    counts = count_tokens(model)
+    clock = common.StepClock()
+    with tempfile.TemporaryDirectory(prefix="trl-rm-") as out:
+        config = RewardConfig(
+            output_dir=out,
+            per_device_train_batch_size=spec["batch_size"],
+            max_steps=spec["steps"],
+            learning_rate=spec["lr"],
+            weight_decay=spec["weight_decay"],
+            lr_scheduler_type="cosine",
+            warmup_steps=spec["warmup_steps"],
+            optim="adamw_torch",
+            max_grad_norm=0.0,
+            max_length=spec["max_length"],
+            center_rewards_coefficient=None,
+            gradient_checkpointing=False,
+            bf16=False,
+            fp16=False,
+            use_cpu=True,
+            seed=spec["seed"],
+            report_to="none",
+            logging_strategy="no",
+            save_strategy="no",
+            eval_strategy="no",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            dataloader_pin_memory=False,
+        )
+        trainer = RewardTrainer(
+            model=model,
+            args=config,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=trl_tokenizer,
+            callbacks=[common.trl_clock(clock)],
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    total_s = time.perf_counter() - start
+    return _result(spec, clock, counts, clock.started - start, total_s, model, tokenizer, data)
+
+
+def _check_same_ids(tokenizer, trl_tokenizer, rows: list[dict], max_length: int) -> None:
+    """TRL's tokenisation (prompt + chosen + EOS text) must give our ids, or the race is unfair."""
+    from rlhf_lightning.data.preference import encode_pair
+    from rlhf_lightning.data.records import PreferenceRecord
+
+    for row in rows:
+        ours = encode_pair(tokenizer, PreferenceRecord(**row), max_length)
+        for side in ("chosen", "rejected"):
+            theirs = trl_tokenizer(text=row["prompt"] + row[side] + trl_tokenizer.eos_token)
+            if theirs["input_ids"] != ours[side]:
+                raise RuntimeError(f"TRL tokenises {row!r} differently: {theirs} vs {ours[side]}")
+
+
+WORKERS = {"ours": run_ours, "trl": run_trl, "prepare": common.prepare_worker}
+
+
+def main() -> None:
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--pairs", type=int, default=2048, help="training pairs")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the pairs (conf: 3)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    args = p.parse_args()
+    if args.worker:
+        return common.worker_main(args, WORKERS)
+    if args.quick:
+        args.in_process, args.runs, args.pairs, args.epochs = True, 1, 256, 1
+    val_pairs = 64 if args.quick else 512
+    settings = common.task_settings(args.pairs, val_pairs, args.seed)
+    steps = args.epochs * -(-args.pairs // args.batch_size)
+    sides = ["ours"]
+    if args.ours_only:
+        print("--ours-only: ours only")
+    elif common.has_trl():
+        sides.append("trl")
+    else:
+        print(common.TRL_MISSING)
+    ws = common.workspace_for(args, settings)
+    spec = {
+        "workspace": vars(ws),
+        "task": settings,
+        "seed": args.seed,
+        "steps": steps,
+        "warmup": min(5, steps - 1),
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "lr": 1e-3,
+        "weight_decay": 0.01,
+        "warmup_steps": min(20, steps // 4),  # conf/rm/default
+    }
+    print(
+        f"RM throughput: {args.pairs} pairs x {args.epochs} epoch(s) = {steps} steps of "
+        f"{args.batch_size} pairs, {args.runs} run(s) per side, {args.threads} thread(s)"
+    )
+    results = common.measure(SCRIPT, args, sides, spec, WORKERS, args.runs)
+    report(args, spec, results)
+
+
+def report(args, spec: dict, results: dict[str, list[dict]]) -> None:
+    med = {side: {k: common.median(runs, k) for k in runs[0]} for side, runs in results.items()}
+    columns = {
+        "pairs/s": "throughput",
+        "ms/step": "step_s",
+        "median ms/step": "median_step_s",
+        "val acc": "accuracy",
+        "pad frac": "padding_fraction",
+        "setup s": "setup_s",
+        "total s": "total_s",
+        "peak RSS MiB": "peak_rss_mb",
+    }
+    rows = [
+        [side, len(results[side]), *(m[k] for k in columns.values())] for side, m in med.items()
+    ]
+    for row in rows:  # seconds -> milliseconds
+        row[3], row[4] = row[3] * 1e3, row[4] * 1e3
+    common.print_table("reward-model training (medians)", ["side", "runs", *columns], rows)
+    ratio = common.ratios(results, "pairs/s")
+    payload = {"spec": spec, "median": med, "ratio_pairs_per_s": ratio, "runs": results}
+    common.write_json(args, "rm_throughput", {"environment": common.environment(args), **payload})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
