@@ -57,8 +57,17 @@ class RunContext:
             )
         return self._tokenizer
 
-    def artifact(self, stage: str) -> Path:
-        return self.artifacts_dir / stage
+    def artifact(self, stage: str, write: bool = False) -> Path:
+        """Where a stage's artifact is read from or (`write=True`) written to.
+
+        In a multirun every job writes into its own run dir (`<job>/artifacts/<stage>`), so parallel
+        jobs never overwrite each other, and reads prefer what the job itself made, else the shared
+        `artifacts/<task>/<stage>` (so a β sweep reuses one SFT and one RM).
+        """
+        local = self.output_dir / "artifacts" / stage
+        if write:
+            return local if sweep_names(stage)[0] is not None else self.artifacts_dir / stage
+        return local if (local / "config.json").exists() else self.artifacts_dir / stage
 
     def ckpt_path(self, stage: str) -> str | None:
         """The checkpoint `stage` resumes from (see `rlhf_lightning.resume`), or None."""

@@ -30,7 +30,8 @@ def _read_table(sweep: Path) -> list[dict]:
 @pytest.mark.slow
 def test_beta_multirun_writes_one_job_per_beta_and_a_report(artifacts_root: Path, tmp_path: Path):
     sweep = tmp_path / "sweep"
-    before = {p.name for p in (artifacts_root / "artifacts/reviews").iterdir()}
+    shared = artifacts_root / "artifacts/reviews"
+    before = {stage: (shared / stage).resolve() for stage in ("sft", "rm", "policy")}
     proc = train_cli(
         ["-m", "stage=policy", "algo.beta=0.01,0.1,1", *TINY_CLI, f"hydra.sweep.dir={sweep}"],
         artifacts_root,
@@ -44,8 +45,10 @@ def test_beta_multirun_writes_one_job_per_beta_and_a_report(artifacts_root: Path
         assert result["status"] == "completed" and result["stages"] == ["policy"]
         assert any(o.startswith("algo.beta=") for o in result["overrides"])
         assert list(job.rglob("run-*.wandb")), "each job is its own wandb run"
-    # nothing was retrained: SFT and RM artifacts are the same folders as before the sweep
-    assert {p.name for p in (artifacts_root / "artifacts/reviews").iterdir()} >= before
+    # nothing was retrained or overwritten: the shared artifacts are the same folders as before,
+    # and each job saved its own policy in its run dir
+    assert {stage: (shared / stage).resolve() for stage in before} == before
+    assert all((job / "artifacts/policy/config.json").exists() for job in jobs)
     rows = _read_table(sweep)
     assert len(rows) == 3 and sorted(float(r["beta"]) for r in rows) == [0.01, 0.1, 1.0]
     assert (sweep / "report.md").read_text().count("\n| ") >= 3

@@ -82,7 +82,7 @@ def run_policy(ctx) -> dict:
             result["frontier"] = module.exact.frontier()
         manifest = {"stage": "policy", "metrics": final, **module.identity}
         result["sha256"] = save_model_artifact(
-            module.policy, module.tokenizer, ctx.artifact("policy"), manifest
+            module.policy, module.tokenizer, ctx.artifact("policy", write=True), manifest
         )
-        result["artifact"] = str(ctx.artifact("policy"))
+        result["artifact"] = str(ctx.artifact("policy", write=True))
     return result

@@ -36,7 +36,7 @@ def run_rm(ctx) -> dict:
     if trainer.is_global_zero:
         manifest = {"stage": "rm", "reward_stats": module.reward_stats, "metrics": metrics}
         result["sha256"] = save_model_artifact(
-            reward_model, ctx.tokenizer, ctx.artifact("rm"), manifest
+            reward_model, ctx.tokenizer, ctx.artifact("rm", write=True), manifest
         )
-        result["artifact"] = str(ctx.artifact("rm"))
+        result["artifact"] = str(ctx.artifact("rm", write=True))
     return result

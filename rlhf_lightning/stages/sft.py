@@ -30,6 +30,8 @@ def run_sft(ctx) -> dict:
     result = {"loss": metrics.get("val/loss", float("nan"))}
     if trainer.is_global_zero:
         manifest = {"stage": "sft", "metrics": metrics}
-        result["sha256"] = save_model_artifact(policy, ctx.tokenizer, ctx.artifact("sft"), manifest)
-        result["artifact"] = str(ctx.artifact("sft"))
+        result["sha256"] = save_model_artifact(
+            policy, ctx.tokenizer, ctx.artifact("sft", write=True), manifest
+        )
+        result["artifact"] = str(ctx.artifact("sft", write=True))
     return result
