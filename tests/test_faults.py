@@ -246,6 +246,11 @@ if fault == "slow":  # each step takes a while: the test kills mid-training
     def on_train_batch_end(self, outputs, batch, batch_idx):
         time.sleep(float(arg))
     M.on_train_batch_end = on_train_batch_end
+elif fault == "slowpolicy":  # each policy step takes a while: the test kills mid-training
+    from rlhf_lightning.modules.policy import PolicyModule
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        time.sleep(float(arg))
+    PolicyModule.on_train_batch_end = on_train_batch_end
 elif fault == "nan":  # the chosen rewards turn NaN at one step
     score = M._score_pairs
     def _score_pairs(self, batch):
@@ -325,6 +330,42 @@ def test_policy_resumes_exactly_after_a_crash(tiny_cfg_base, tmp_path):
     resumed = run(cfg_in([*policy, "ckpt_path=last"], tmp_path, "resumed"))
     assert content_hash(artifact) == whole_hash
     assert resumed == whole  # the objective r − β·KL of the final evaluation
+    assert read_manifest(artifact) == whole_manifest
+
+
+@pytest.mark.slow  # two train.py subprocesses
+def test_policy_killed_with_sigkill_resumes_to_the_same_weights(tiny_cfg_base, tmp_path):
+    """SIGKILL mid-training, `ckpt_path=last` in a new run: the same policy as an uninterrupted run."""
+    run(with_paths(compose(["stage=sft", *TINY]), tmp_path))
+    policy = [
+        "stage=policy",
+        *TINY,
+        "reward=gold",
+        "policy.steps=6",
+        "checkpoint.every_n_train_steps=2",
+    ]
+    artifact = tmp_path / "artifacts" / "reviews" / "policy"
+    runs = tmp_path / "outputs"
+    whole = train_cli([*policy, f"hydra.run.dir={runs}/whole/run"], tmp_path, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    whole_hash, whole_manifest = content_hash(artifact), read_manifest(artifact)
+    crashed = spawn(
+        [*policy, f"hydra.run.dir={runs}/crash/first"],
+        tmp_path,
+        "slowpolicy:1.0",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    last = wait_for("outputs/crash/first/checkpoints/policy/last.ckpt", tmp_path, crashed)
+    crashed.send_signal(signal.SIGKILL)
+    assert crashed.wait(timeout=30) == -signal.SIGKILL
+    assert checkpoint_step(last) < 6  # killed mid-training
+    # a new run beside the killed one: `last` finds the killed run's checkpoint
+    resumed = [*policy, "ckpt_path=last", f"hydra.run.dir={runs}/crash/second"]
+    result = train_cli(resumed, tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[policy] resuming from" in result.stdout
+    assert content_hash(artifact) == whole_hash  # bitwise
     assert read_manifest(artifact) == whole_manifest
 
 
