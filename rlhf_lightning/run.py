@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -137,6 +138,12 @@ def run(cfg: DictConfig) -> float | None:
     transformers.utils.logging.disable_progress_bar()
     for name in ("lightning.pytorch", "lightning.fabric"):  # they print themselves: no duplicates
         logging.getLogger(name).propagate = False
+    # Intended here, so not worth a warning on every run: the policy stage keeps dropout off (eval
+    # mode), and its checkpoints hold the state after the rollout's updates.
+    warnings.filterwarnings(
+        "ignore", message=r".*module\(s\) in eval mode at the start of training"
+    )
+    warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization")
 
     ctx = RunContext(cfg)
     results: dict[str, dict] = {}
