@@ -104,10 +104,26 @@ def sequence_logprobs(
     Gradients flow through the model; wrap the call in `torch.no_grad()` for a frozen reference.
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V]
+    return aligned_logprobs(
+        logits, input_ids, response_mask, temperature, allowed_token_ids
+    ), logits
+
+
+def aligned_logprobs(
+    logits: Tensor,
+    input_ids: Tensor,
+    response_mask: Tensor,
+    temperature: float = 1.0,
+    allowed_token_ids: Tensor | None = None,
+) -> Tensor:
+    """`logprobs[:, t] = log p(input_ids[:, t] | input_ids[:, :t])` from `logits[:, t-1]`, [B, T].
+
+    Position 0 and every position where `response_mask` is 0 are 0, so `.sum(-1)` is
+    log p(response | prompt). Shared by every forward pass that scores responses.
+    """
     shifted = token_logprobs(
         logits[:, :-1], input_ids[:, 1:], temperature, allowed_token_ids
     )  # [B, T-1]
     logprobs = torch.cat([torch.zeros_like(shifted[:, :1]), shifted], dim=1)  # [B, T]
-    # `where`, not a product: a masked −inf (prompt token outside the allowed ids) must become 0.
-    logprobs = torch.where(response_mask.bool(), logprobs, torch.zeros_like(logprobs))
-    return logprobs, logits
+    # `where`, not a product: a masked-out −inf (prompt token outside the allowed ids) must become 0.
+    return torch.where(response_mask.bool(), logprobs, torch.zeros_like(logprobs))

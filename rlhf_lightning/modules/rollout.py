@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from rlhf_lightning.data.encoding import encode_prompt
-from rlhf_lightning.models.logprobs import AllowedTokensLogitsProcessor, token_logprobs
+from rlhf_lightning.models.logprobs import AllowedTokensLogitsProcessor, aligned_logprobs
 
 
 @dataclass
@@ -87,9 +87,9 @@ def forward_logprobs(
         position_ids=position_ids(attention_mask),
         output_hidden_states=hidden,
     )
-    shifted = token_logprobs(out.logits[:, :-1], input_ids[:, 1:], temperature, allowed_token_ids)
-    logprobs = torch.cat([torch.zeros_like(shifted[:, :1]), shifted], dim=1)  # [B, T]
-    logprobs = torch.where(response_mask.bool(), logprobs, torch.zeros_like(logprobs))
+    logprobs = aligned_logprobs(
+        out.logits, input_ids, response_mask, temperature, allowed_token_ids
+    )
     return logprobs, out.logits, (out.hidden_states[-1] if hidden else None)
 
 
