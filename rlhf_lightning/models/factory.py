@@ -3,7 +3,8 @@
 `ModelSpec` is what `conf/model/*.yaml` instantiates. It hands out the tokenizer, a causal LM
 (SFT model, policy, reference) and a reward model: `AutoModelForSequenceClassification` with
 `num_labels=1`, whose score is read at the last real (non-pad) token. Whatever we save,
-transformers and TRL load as it is.
+transformers and TRL load as it is. With `model.lora` set, the policy stage trains a LoRA adapter
+and uses the adapter-free network as its reference (`models/lora.py`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from transformers import (
 )
 
 from rlhf_lightning.errors import ArtifactError
+from rlhf_lightning.models import lora as _lora
 from rlhf_lightning.models.tokenizer import PAD, build_tokenizer
 
 TINY_DEFAULTS: dict[str, Any] = dict(
@@ -48,6 +50,8 @@ class ModelSpec:
     vocab_size: size of the offline byte-level BPE vocabulary (tiny model only).
     trust_remote_code: passed to `from_pretrained`; off unless the user sets it.
     dtype: parameter dtype, e.g. "float32" or "bfloat16".
+    lora: None trains every policy weight; a mapping {r, alpha, dropout, target_modules} trains
+        a LoRA adapter in the policy stage instead (`LoraSettings`; SFT and RM train fully).
     """
 
     name_or_path: str | None = None
@@ -55,6 +59,15 @@ class ModelSpec:
     vocab_size: int = 512
     trust_remote_code: bool = False
     dtype: str = "float32"
+    lora: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.lora_settings  # noqa: B018 (a bad model.lora, or no peft, fails at start-up)
+
+    @property
+    def lora_settings(self) -> _lora.LoraSettings | None:
+        """`lora`, validated (None: no LoRA)."""
+        return _lora.lora_settings(self.lora)
 
     @property
     def is_tiny(self) -> bool:
@@ -91,6 +104,16 @@ class ModelSpec:
             return AutoModelForCausalLM.from_config(self._tiny_config(tokenizer)).to(self._dtype)
         model = _load(AutoModelForCausalLM, self.name_or_path, self.trust_remote_code, self._dtype)
         return _fit_vocab(model, tokenizer)
+
+    def policy_and_reference(
+        self, tokenizer: PreTrainedTokenizerBase, path: str | Path | None = None
+    ) -> tuple[Any, Any]:
+        """The policy stage's (policy, reference), both from `path` (the SFT artifact).
+
+        Without `lora`: two independent copies. With it: a LoRA `PeftModel` and an
+        `AdapterDisabledReference` over the same weights (save with `lora.export_for_saving`).
+        """
+        return _lora.policy_and_reference(self, tokenizer, path)
 
     def reward_model(self, tokenizer: PreTrainedTokenizerBase, path: str | Path | None = None):
         """A scalar-head sequence classifier (num_labels=1): from `path`, else freshly headed."""
