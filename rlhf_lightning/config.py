@@ -101,6 +101,12 @@ def _check_combinations(cfg: DictConfig) -> None:
         raise ConfigError(
             f"algo.group_size={k} is invalid for algo={name}: it needs >= 2 samples per prompt"
         )
+    _check_processes(cfg)
+    lora = _get(cfg, "model.lora")
+    if lora is not _ABSENT and lora is not None:
+        from rlhf_lightning.models.lora import lora_settings
+
+        lora_settings(lora)  # one ConfigError line naming model.lora.<key>
     if name == "exact" and "policy" in (_get(cfg, "stage.stages") or []):
         target = str(_get(cfg, "task._target_"))
         if (
@@ -109,6 +115,36 @@ def _check_combinations(cfg: DictConfig) -> None:
             and "Oracle" not in target
         ):
             raise ConfigError("algo=exact needs an enumerable task: use task=oracle")
+
+
+def _check_processes(cfg: DictConfig) -> None:
+    """Several processes (trainer=ddp): every global batch must give each rank a share."""
+    devices, nodes = _get(cfg, "trainer.devices"), _get(cfg, "trainer.num_nodes")
+    if isinstance(devices, list):
+        devices = len(devices)
+    if not _positive_int(devices):
+        return  # "auto" / -1: Lightning decides; checked by Lightning itself
+    world = devices * (nodes if _positive_int(nodes) else 1)
+    if world == 1:
+        return
+    for key in ("sft.batch_size", "rm.batch_size", "policy.prompts_per_step"):
+        value = _get(cfg, key)
+        if _positive_int(value) and value < world:
+            raise ConfigError(
+                f"{key}={value} is smaller than the {world} processes (trainer.devices × "
+                f"num_nodes); batch sizes are global, so set {key} >= {world}"
+            )
+    import os
+
+    from rlhf_lightning.resume import in_multirun
+
+    external = any(v in os.environ for v in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"))
+    if in_multirun() and not external:
+        raise ConfigError(
+            f"trainer.devices={devices} inside a Hydra multirun: Lightning cannot start processes "
+            "for a sweep job — run sweeps with trainer.devices=1, or launch each job on a cluster "
+            "(hydra/launcher=slurm gives each job its own processes)"
+        )
 
 
 _ABSENT = object()

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlhf_lightning.config import validate
 from rlhf_lightning.data.spec import DataSpec
+from rlhf_lightning.distributed import is_rank_zero
 from rlhf_lightning.models.factory import ModelSpec
 from rlhf_lightning.resume import (
     RNGState,
@@ -152,10 +153,12 @@ def run(cfg: DictConfig) -> float | None:
             with ctx.stage_run(stage):
                 results[stage] = STAGE_RUNNERS[stage](ctx)
     except BaseException as err:
-        write_result(ctx.output_dir, cfg, results, error=err)
+        if is_rank_zero():
+            write_result(ctx.output_dir, cfg, results, error=err)
         raise
-    write_result(ctx.output_dir, cfg, results)
-    _print_summary(ctx, results)
+    if is_rank_zero():  # with trainer=ddp the other ranks hold no final metrics
+        write_result(ctx.output_dir, cfg, results)
+        _print_summary(ctx, results)
     last = results[cfg.stage.stages[-1]]
     return last.get("objective", last.get("accuracy"))
 

@@ -9,7 +9,6 @@ score at the end-of-sequence token.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Iterator, Sequence
 
@@ -43,12 +42,22 @@ def pad(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
+def rank_slice(batch: list[int], num_replicas: int, rank: int) -> list[int]:
+    """Rank `rank`'s contiguous share of a global batch (sizes differ by at most one)."""
+    size, extra = divmod(len(batch), num_replicas)
+    start = rank * size + min(rank, extra)
+    return batch[start : start + size + (rank < extra)]
+
+
 class LengthGroupedBatchSampler(Sampler[list[int]]):
     """Batches of similar length (less padding), in a random order fixed by (seed, epoch).
 
     Indices are shuffled, cut into mega-batches of `group * batch_size`, sorted by length inside
-    each, cut into batches, and the batches shuffled again. With `num_replicas > 1` each rank takes
-    every `num_replicas`-th batch, so ranks see disjoint data (the batch count is made equal).
+    each, cut into batches, and the batches shuffled again. `batch_size` is the GLOBAL batch: with
+    `num_replicas > 1` each rank takes its contiguous slice of every batch, so the union of the
+    ranks' batches at a step is exactly the batch one process would see (a last batch smaller than
+    `num_replicas` is dropped, so no rank is ever empty) and training does not depend on the
+    number of processes.
     `state_dict` records the epoch and how many batches were consumed, for exact mid-epoch resume.
     """
 
@@ -81,9 +90,11 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             ]
         if self.shuffle:
             rng.shuffle(batches)
-        per_rank = math.ceil(len(batches) / self.num_replicas)
-        batches += batches[: per_rank * self.num_replicas - len(batches)]  # equal count per rank
-        return batches[self.rank :: self.num_replicas]
+        if self.num_replicas == 1:
+            return batches
+        # every rank needs a non-empty slice of every batch, or collectives would not line up
+        batches = [b for b in batches if len(b) >= self.num_replicas]
+        return [rank_slice(b, self.num_replicas, self.rank) for b in batches]
 
     def __iter__(self) -> Iterator[list[int]]:
         # A finished pass is noticed here, not after the last yield: loaders that know the length

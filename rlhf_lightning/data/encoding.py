@@ -25,3 +25,21 @@ def encode_response(
     if eos and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:
+    """`encode_prompt` of each prompt, in one batched tokenizer call (each distinct text once)."""
+    unique = list(dict.fromkeys(prompts))
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = tokenizer(unique, add_special_tokens=False)["input_ids"] if unique else []
+    encoded = {text: bos + list(x) for text, x in zip(unique, ids, strict=True)}
+    return [encoded[p] for p in prompts]
+
+
+def encode_responses(
+    tokenizer: PreTrainedTokenizerBase, responses: list[str], eos: bool = True
+) -> list[list[int]]:
+    """`encode_response` of each response, in one batched tokenizer call."""
+    end = [tokenizer.eos_token_id] if eos and tokenizer.eos_token_id is not None else []
+    ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"] if responses else []
+    return [list(x) + end for x in ids]

@@ -1,8 +1,10 @@
 """`PromptDataModule`: the prompt stream of the policy stage (a batch is a list of prompt strings).
 
 The order is a fixed shuffle per (seed, epoch), and checkpoints record how far training got in it
-(`ResumableSampling`), so a resumed run continues the stream where it stopped. With several
-processes each rank draws its own prompts.
+(`ResumableSampling`), so a resumed run continues the stream where it stopped. `prompts_per_step`
+is global: with several processes each rank takes its slice of every step's prompts. A batch
+carries each prompt's index in the prompt set, which keys its samples' random draws, so a sample
+does not depend on which rank draws it.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ from rlhf_lightning.data.spec import DataSpec
 from rlhf_lightning.errors import DataError
 
 
-def _collate(prompts: list[str]) -> list[str]:
-    return list(prompts)
+def _collate(items: list[tuple[int, str]]) -> dict:
+    """{"prompts": [B] text, "index": [B] their positions in the prompt set (sampling keys)}."""
+    return {
+        "prompts": [prompt for _, prompt in items],
+        "index": torch.tensor([i for i, _ in items], dtype=torch.long),
+    }
 
 
 class PromptDataModule(ResumableSampling, L.LightningDataModule):
@@ -55,7 +61,7 @@ class PromptDataModule(ResumableSampling, L.LightningDataModule):
         )
         generator = torch.Generator().manual_seed(self.seed)  # leaves the global RNG alone
         return DataLoader(
-            train,
+            list(enumerate(train)),
             batch_sampler=self._train_sampler(sampler),
             collate_fn=_collate,
             generator=generator,

@@ -7,6 +7,8 @@ prompt per row. Token-level GAE serves PPO with a value head.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -89,15 +91,23 @@ def grpo_advantages(
     return centred.reshape(-1)
 
 
-def reinforce_advantages(scores: Tensor, baseline: str = "batch_mean") -> Tensor:
+def reinforce_advantages(
+    scores: Tensor,
+    baseline: str = "batch_mean",
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """REINFORCE (Williams 1992) advantages ``[B]``: ``s − mean(s)`` over the batch, or ``s``.
 
     ``baseline="batch_mean"`` subtracts the batch mean (variance reduction, slightly biased through
-    each sample's own share of the mean); ``baseline="none"`` returns the scores.
+    each sample's own share of the mean); ``baseline="none"`` returns the scores. ``all_reduce``
+    (a sum over processes) makes the mean that of the global batch.
     """
     scores = scores.detach()
     if baseline == "batch_mean":
-        return scores - scores.mean()
+        if all_reduce is None:
+            return scores - scores.mean()
+        total = all_reduce(torch.stack([scores.sum(), scores.new_tensor(float(scores.numel()))]))
+        return scores - total[0] / total[1]
     if baseline == "none":
         return scores
     raise ValueError(f"unknown REINFORCE baseline {baseline!r}; valid baselines: batch_mean, none")

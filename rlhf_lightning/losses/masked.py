@@ -7,6 +7,8 @@ mask returns 0 (not NaN) so that an empty row contributes nothing, and its gradi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -43,15 +45,30 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = False) -> Tensor:
     return var * count / (count - 1)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(
+    x: Tensor,
+    mask: Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """Standardise the masked elements of ``x``: ``(x - mean) / sqrt(var + eps)``.
 
     Statistics are taken over every unmasked element of the batch, with the population variance
     (the difference from Bessel's correction is negligible at token counts). With
     ``shift_mean=False`` the mean is added back: only the scale changes (as TRL does for rewards).
-    Values on padding are returned as they come out of the formula; mask them downstream.
+    ``all_reduce`` (a sum over processes) takes the statistics over the global batch, so several
+    processes whiten as one would. Values on padding are returned as they come out of the
+    formula; mask them downstream.
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=False)
+    if all_reduce is None:
+        mean = masked_mean(x, mask)
+        var = masked_var(x, mask, unbiased=False)
+    else:  # Σm, Σmx, Σmx² over every process, then the same formulas
+        m = mask.to(x.dtype)
+        sums = all_reduce(torch.stack([m.sum(), (m * x).sum(), (m * x * x).sum()]).detach())
+        count = sums[0].clamp_min(1.0)
+        mean = sums[1] / count
+        var = (sums[2] / count - mean**2).clamp_min(0.0)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     return whitened if shift_mean else whitened + mean

@@ -57,29 +57,40 @@ class Algorithm:
     def uses_value_head(self) -> bool:
         return self.name == "ppo"
 
+    @property
+    def updates_per_rollout(self) -> int:
+        """Optimiser steps per rollout (what Lightning's global_step counts)."""
+        return 1 if self.name == "exact" else self.epochs * self.minibatches
+
     def kl_tokens(self, rollout, estimator: str) -> Tensor:
         """Per-token KL estimate on response tokens [B, T] (0 elsewhere)."""
         kl = kl_per_token(rollout.logprobs, rollout.ref_logprobs, estimator)
         return kl * rollout.response_mask
 
     def advantages(
-        self, rollout, kl: Tensor, beta: float, penalty: str
+        self, rollout, kl: Tensor, beta: float, penalty: str, all_reduce=None
     ) -> tuple[Tensor, Tensor | None]:
-        """Advantages [B, T] on response tokens, and returns [B, T] for the value loss (PPO)."""
+        """Advantages [B, T] on response tokens, and returns [B, T] for the value loss (PPO).
+
+        `all_reduce` (a sum over processes) makes batch statistics (whitening, REINFORCE's
+        baseline) global; group baselines (rloo, grpo) need none, as a group never spans ranks.
+        """
         mask = rollout.response_mask
         if self.name == "ppo":
-            return self._gae(rollout, kl, beta, penalty)
+            return self._gae(rollout, kl, beta, penalty, all_reduce)
         scores = rollout.scores - beta * sequence_kl(kl, mask)  # [B]
         if self.name == "rloo":
             adv = rloo_advantages(scores, self.group_size)
         elif self.name == "grpo":
             adv = grpo_advantages(scores, self.group_size)
         else:
-            adv = reinforce_advantages(scores)
+            adv = reinforce_advantages(scores, all_reduce=all_reduce)
         adv = adv[:, None] * mask  # [B, T]: the sequence advantage on every response token
-        return (masked_whiten(adv, mask) * mask if self.whiten_advantages else adv), None
+        if self.whiten_advantages:
+            adv = masked_whiten(adv, mask, all_reduce=all_reduce) * mask
+        return adv, None
 
-    def _gae(self, rollout, kl, beta, penalty) -> tuple[Tensor, Tensor]:
+    def _gae(self, rollout, kl, beta, penalty, all_reduce=None) -> tuple[Tensor, Tensor]:
         start = rollout.prompt_width
         mask = rollout.response_mask[:, start:]  # [B, Tr], right-padded
         if penalty == "token":
@@ -89,6 +100,6 @@ class Algorithm:
             rewards = token_rewards(seq, torch.zeros_like(mask, dtype=kl.dtype), mask, 0.0)
         adv, returns = gae(rewards, rollout.values[:, start:], mask, self.gamma, self.lam)
         if self.whiten_advantages:
-            adv = masked_whiten(adv, mask) * mask
+            adv = masked_whiten(adv, mask, all_reduce=all_reduce) * mask
         pad = torch.zeros_like(rollout.response_mask[:, :start], dtype=adv.dtype)
         return torch.cat([pad, adv], 1), torch.cat([pad, returns], 1)

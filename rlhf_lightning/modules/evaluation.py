@@ -13,7 +13,12 @@ from collections.abc import Callable
 import torch
 
 from rlhf_lightning.losses import kl_per_token, sequence_kl
-from rlhf_lightning.modules.rollout import decode_responses, forward_logprobs, sample
+from rlhf_lightning.modules.rollout import (
+    decode_responses,
+    forward_logprobs,
+    sample,
+    sample_seeds,
+)
 
 
 @torch.no_grad()
@@ -24,8 +29,12 @@ def sample_and_score(
     samples_per_prompt: int = 1,
     gold: Callable | None = None,
     batch_size: int = 64,
+    seeds: list[int] | None = None,
 ) -> dict:
-    """Responses of `model` to `prompts`, with per-sample proxy, gold, KL (k1 and k3) tensors [B]."""
+    """Responses of `model` to `prompts`, with per-sample proxy, gold, KL (k1 and k3) tensors [B].
+
+    `seeds` (one per sample, see `rollout.sample_seeds`) key each sample's random draws; without
+    them sampling uses the global RNG."""
     gen = module.generation
     out: dict[str, list] = {
         "prompts": [],
@@ -39,7 +48,9 @@ def sample_and_score(
     per_call = max(1, batch_size // samples_per_prompt)
     for start in range(0, len(prompts), per_call):
         chunk = prompts[start : start + per_call]
-        ids, attn, mask, ended, _ = sample(model, module.tokenizer, chunk, samples_per_prompt, gen)
+        k = samples_per_prompt
+        chunk_seeds = None if seeds is None else seeds[start * k : (start + len(chunk)) * k]
+        ids, attn, mask, ended, _ = sample(model, module.tokenizer, chunk, k, gen, chunk_seeds)
         logp, _, _ = forward_logprobs(
             model, ids, attn, mask, gen.temperature, gen.allowed_token_ids
         )
@@ -61,12 +72,22 @@ def sample_and_score(
     return out
 
 
-def evaluate_policy(module, prompts: list[str], gold: Callable | None, n_samples: int) -> dict:
-    """Final numbers of the policy stage: policy vs the SFT reference on held-out prompts."""
+EVAL_STREAM = 2**32  # the "rollout number" of evaluation draws: never one of training's
+
+
+def evaluate_policy(
+    module, prompts: list[str], gold: Callable | None, n_samples: int, seed: int = 0
+) -> dict:
+    """Final numbers of the policy stage: policy vs the SFT reference on held-out prompts.
+
+    Sample i of both models draws from the same random stream, keyed by (seed, i): the numbers do
+    not depend on training's RNG, and the policy–reference difference has less noise.
+    """
     prompts = (prompts * (n_samples // max(len(prompts), 1) + 1))[:n_samples]
+    seeds = sample_seeds(seed, EVAL_STREAM, range(len(prompts)), 1)
     was_training = module.policy.training
-    after = sample_and_score(module, module.policy, prompts, gold=gold)
-    before = sample_and_score(module, module.reference, prompts, gold=gold)
+    after = sample_and_score(module, module.policy, prompts, gold=gold, seeds=seeds)
+    before = sample_and_score(module, module.reference, prompts, gold=gold, seeds=seeds)
     module.policy.train(was_training)
     result = {
         "proxy_reward": float(after["proxy"].mean()),

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from rlhf_lightning.control.beta import BetaController
+from rlhf_lightning.distributed import all_reduce_sum, global_mean_scale, world_size
 from rlhf_lightning.errors import NumericalError
 from rlhf_lightning.losses import masked_mean, ppo_policy_loss, ppo_value_loss, sequence_kl
 from rlhf_lightning.models.logprobs import entropy_from_logits
@@ -28,6 +29,7 @@ from rlhf_lightning.modules.rollout import (
     decode_responses,
     forward_logprobs,
     sample,
+    sample_seeds,
 )
 
 
@@ -50,6 +52,7 @@ class PolicyModule(L.LightningModule):
         missing_eos_penalty: float | None = None,
         max_grad_norm: float | None = 1.0,
         exact=None,
+        seed: int = 0,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -62,7 +65,7 @@ class PolicyModule(L.LightningModule):
         self.optimizer_factory, self.generation = optimizer, generation
         self.kl_estimator, self.kl_penalty = kl_estimator, kl_penalty
         self.missing_eos_penalty, self.max_grad_norm = missing_eos_penalty, max_grad_norm
-        self.exact = exact
+        self.exact, self.seed = exact, seed
 
     @property
     def reference(self) -> nn.Module:
@@ -81,24 +84,31 @@ class PolicyModule(L.LightningModule):
         if hasattr(self.reward, "to"):
             self.reward.to(self.device)
 
-    def training_step(self, prompts: list[str], batch_idx: int) -> None:
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        """One rollout and its updates. `batch`: {"prompts": [P] text, "index": [P] sampling keys}
+        (a plain list of prompts samples from the global RNG instead)."""
+        prompts, keys = (
+            (batch["prompts"], batch["index"]) if isinstance(batch, dict) else (batch, None)
+        )
         if self.algorithm.name == "exact":
             stats = self._exact_step()
         else:
-            rollout = self.rollout(prompts)
+            rollout = self.rollout(prompts, keys, old_logprobs=not self.fuses_old_logprobs)
             stats = self._update(rollout)
         self._check_finite(stats)
         stats["train/beta"] = torch.tensor(self.beta.value)
-        kl = self.trainer.strategy.reduce(stats["train/kl"].detach(), reduce_op="mean")
+        # the β controller sees the global batch: the same β on every rank, and as on one process
+        k = self.algorithm.group_size
+        n = all_reduce_sum(torch.tensor(float(len(prompts) * k), device=self.device))
+        kl = all_reduce_sum(stats["train/kl"].detach() * len(prompts) * k) / n
         # n_steps counts samples (what AdaptiveBeta's horizon counts, as in Ziegler et al. and TRL)
-        samples = len(prompts) * self.algorithm.group_size * self.trainer.world_size
-        self.beta.update(float(kl), n_steps=samples)
+        self.beta.update(float(kl), n_steps=int(n))
         reward = stats.pop("train/reward")
-        self.log_dict(stats, batch_size=len(prompts))
-        self.log("train/reward", reward, prog_bar=True, batch_size=len(prompts))
+        self.log_dict(stats, batch_size=len(prompts), sync_dist=True)
+        self.log("train/reward", reward, prog_bar=True, batch_size=len(prompts), sync_dist=True)
 
     def configure_optimizers(self):
-        params = list(self.policy.parameters())
+        params = [p for p in self.policy.parameters() if p.requires_grad]  # LoRA: the adapter
         if self.value_head is not None:
             params += list(self.value_head.parameters())
         return self.optimizer_factory(params)
@@ -110,31 +120,44 @@ class PolicyModule(L.LightningModule):
         if "beta_controller" in checkpoint:
             self.beta.load_state_dict(checkpoint["beta_controller"])
 
+    @property
+    def fuses_old_logprobs(self) -> bool:
+        """One update per rollout and no value head: the update's own forward pass gives log p_old
+        (the ratio is exactly 1 there), so the rollout skips its separate no-grad forward."""
+        algo = self.algorithm
+        return algo.epochs == 1 and algo.minibatches == 1 and self.value_head is None
+
     @torch.no_grad()
-    def rollout(self, prompts: list[str]) -> Rollout:
-        """Sample `group_size` responses per prompt and score them (everything detached)."""
+    def rollout(
+        self, prompts: list[str], keys: torch.Tensor | None = None, old_logprobs: bool = True
+    ) -> Rollout:
+        """Sample `group_size` responses per prompt and score them (everything detached).
+
+        `keys` [P] (the prompts' indices in the prompt set) give each sample its own random stream,
+        seeded by (seed, rollout number, key, j): a sample is the same whichever rank draws it.
+        `old_logprobs=False` leaves `logprobs` and `entropy` to the update (`_fused_update`).
+        """
         k, gen = self.algorithm.group_size, self.generation
-        ids, attn, resp_mask, ended, width = sample(self.policy, self.tokenizer, prompts, k, gen)
-        logprobs, logits, hidden = forward_logprobs(
-            self.policy,
-            ids,
-            attn,
-            resp_mask,
-            gen.temperature,
-            gen.allowed_token_ids,
-            hidden=self.value_head is not None,
+        seeds = None
+        if keys is not None:
+            rollouts_done = self.global_step // self.algorithm.updates_per_rollout
+            seeds = sample_seeds(self.seed, rollouts_done, keys, k)
+        ids, attn, resp_mask, ended, width = sample(
+            self.policy, self.tokenizer, prompts, k, gen, seeds
         )
-        entropy = (
-            torch.cat(
-                [
-                    torch.zeros_like(logprobs[:, :1]),
-                    entropy_from_logits(logits[:, :-1], gen.temperature, gen.allowed_token_ids),
-                ],
-                1,
+        logprobs = entropy = hidden = None
+        if old_logprobs:
+            logprobs, logits, hidden = forward_logprobs(
+                self.policy,
+                ids,
+                attn,
+                resp_mask,
+                gen.temperature,
+                gen.allowed_token_ids,
+                hidden=self.value_head is not None,
             )
-            * resp_mask
-        )
-        del logits
+            entropy = self._entropy(logits, resp_mask)
+            del logits
         ref_logprobs, _, _ = forward_logprobs(
             self.reference, ids, attn, resp_mask, gen.temperature, gen.allowed_token_ids
         )
@@ -159,13 +182,24 @@ class PolicyModule(L.LightningModule):
             prompt_width=width,
         )
 
+    def _entropy(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Entropy [B, T] of the sampling distribution at each response token (nats)."""
+        gen = self.generation
+        h = entropy_from_logits(logits[:, :-1], gen.temperature, gen.allowed_token_ids)
+        return torch.cat([torch.zeros_like(h[:, :1]), h], 1) * mask
+
     def advantages(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Advantages [B, T] of a rollout at the current β, and returns [B, T] (PPO) or None."""
         kl = self.algorithm.kl_tokens(rollout, self.kl_estimator)  # [B, T]
-        return self.algorithm.advantages(rollout, kl, self.beta.value, self.kl_penalty)
+        all_reduce = all_reduce_sum if world_size() > 1 else None
+        return self.algorithm.advantages(rollout, kl, self.beta.value, self.kl_penalty, all_reduce)
 
     def minibatch_loss(
-        self, mb: Rollout, advantages: torch.Tensor, returns: torch.Tensor | None
+        self,
+        mb: Rollout,
+        advantages: torch.Tensor,
+        returns: torch.Tensor | None,
+        logprobs: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Differentiable loss of one rollout minibatch (no optimiser step).
 
@@ -173,15 +207,17 @@ class PolicyModule(L.LightningModule):
         {"loss", "policy_loss", "clipfrac", "approx_kl"} (+ "value_loss"); at ratio 1 (the first
         minibatch of the first epoch) the surrogate's gradient is the plain policy gradient.
         """
-        logprobs, _, hidden = forward_logprobs(
-            self.policy,
-            mb.input_ids,
-            mb.attention_mask,
-            mb.response_mask,
-            self.generation.temperature,
-            self.generation.allowed_token_ids,
-            hidden=self.value_head is not None,
-        )
+        hidden = None
+        if logprobs is None:  # else: this minibatch's log p_θ, with grad, from the caller
+            logprobs, _, hidden = forward_logprobs(
+                self.policy,
+                mb.input_ids,
+                mb.attention_mask,
+                mb.response_mask,
+                self.generation.temperature,
+                self.generation.allowed_token_ids,
+                hidden=self.value_head is not None,
+            )
         policy_loss, clipfrac, approx_kl = ppo_policy_loss(
             logprobs, mb.logprobs, advantages, mb.response_mask, self.algorithm.clip_range
         )
@@ -205,22 +241,59 @@ class PolicyModule(L.LightningModule):
 
     def _update(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         """`epochs` passes over `minibatches` of the rollout, one optimiser step per minibatch."""
+        if rollout.logprobs is None:
+            return self._fused_update(rollout)
         advantages, returns = self.advantages(rollout)
         stats = self._rollout_stats(rollout)
         optimizer = self.optimizers()
         history: dict[str, list[torch.Tensor]] = {}
         n, mask = len(rollout.prompts), rollout.response_mask
         for _ in range(self.algorithm.epochs):
-            order = torch.randperm(n, device=mask.device)
+            shuffle = self.algorithm.minibatches > 1  # one minibatch: no order, no RNG drawn
+            order = (
+                torch.randperm(n, device=mask.device)
+                if shuffle
+                else torch.arange(n, device=mask.device)
+            )
             for idx in order.chunk(self.algorithm.minibatches):
+                mb = rollout.select(idx)
                 out = self.minibatch_loss(
-                    rollout.select(idx), advantages[idx], None if returns is None else returns[idx]
+                    mb, advantages[idx], None if returns is None else returns[idx]
                 )
-                self._step(optimizer, out["loss"])
+                # a token mean over the global minibatch, however many processes (distributed.py);
+                # diagnostics too, once the logger averages the ranks (sync_dist)
+                scale = global_mean_scale(mb.response_mask.sum())
+                self._step(optimizer, out["loss"] * scale)
                 for key in ("clipfrac", "approx_kl", "value_loss"):
                     if key in out:
-                        history.setdefault(f"ppo/{key}", []).append(out[key].detach())
+                        history.setdefault(f"ppo/{key}", []).append(out[key].detach() * scale)
         stats.update({k: torch.stack(v).mean() for k, v in history.items()})
+        return stats
+
+    def _fused_update(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """One update whose forward pass also gives log p_old = log p_θ (detached) and the entropy.
+
+        The same numbers as a separate no-grad forward followed by the update (same weights, same
+        inputs, eval mode), one forward pass fewer per rollout.
+        """
+        gen, mask = self.generation, rollout.response_mask
+        logprobs, logits, _ = forward_logprobs(
+            self.policy,
+            rollout.input_ids,
+            rollout.attention_mask,
+            mask,
+            gen.temperature,
+            gen.allowed_token_ids,
+        )
+        with torch.no_grad():
+            rollout.logprobs, rollout.entropy = logprobs.detach(), self._entropy(logits, mask)
+        del logits
+        advantages, returns = self.advantages(rollout)
+        stats = self._rollout_stats(rollout)
+        out = self.minibatch_loss(rollout, advantages, returns, logprobs=logprobs)
+        scale = global_mean_scale(mask.sum())
+        self._step(self.optimizers(), out["loss"] * scale)
+        stats.update({f"ppo/{k}": out[k].detach() * scale for k in ("clipfrac", "approx_kl")})
         return stats
 
     def _rollout_stats(self, rollout: Rollout) -> dict[str, torch.Tensor]:
@@ -231,7 +304,8 @@ class PolicyModule(L.LightningModule):
             "train/reward": rollout.scores.mean(),
             "train/kl": seq_kl.mean(),
             "train/objective": (rollout.scores - beta * seq_kl).mean(),
-            "train/entropy": masked_mean(rollout.entropy, mask),  # nats per token
+            # nats per token, over the global batch once the logger averages ranks (sync_dist)
+            "train/entropy": masked_mean(rollout.entropy, mask) * global_mean_scale(mask.sum()),
             "train/response_length": mask.sum(-1).mean(),
             "train/eos_rate": rollout.ended.float().mean(),
         }

@@ -17,6 +17,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
+from rlhf_lightning.distributed import global_mean_scale
 from rlhf_lightning.errors import NumericalError
 from rlhf_lightning.losses.bradley_terry import bradley_terry_loss
 from rlhf_lightning.modules.optim import optimizers_with_schedule
@@ -63,9 +64,10 @@ class RewardModelModule(L.LightningModule):
                 "good checkpoint is kept (lower rm.module.optimizer.lr, check the data's margins)"
             )
         n = chosen.numel()
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        self.log("train/accuracy", (chosen > rejected).float().mean(), batch_size=n)
-        return loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+        accuracy = (chosen > rejected).float().mean()
+        self.log("train/accuracy", accuracy, batch_size=n, sync_dist=True)
+        return loss * global_mean_scale(torch.tensor(n, device=loss.device))  # see distributed.py
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         chosen, rejected = self._score_pairs(batch)
@@ -100,7 +102,7 @@ class RewardModelModule(L.LightningModule):
         self.val_reward.reset()
         self.val_reward_sq.reset()
         if self.hparams.bayes_accuracy is not None:
-            self.log("val/bayes_accuracy", float(self.hparams.bayes_accuracy))
+            self.log("val/bayes_accuracy", float(self.hparams.bayes_accuracy), sync_dist=True)
 
     def on_fit_start(self) -> None:
         self.reward_model.train()  # `from_pretrained` gives eval mode; dropout belongs to training

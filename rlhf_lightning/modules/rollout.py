@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from rlhf_lightning.data.encoding import encode_prompt
+from rlhf_lightning.data.encoding import encode_prompts
 from rlhf_lightning.models.logprobs import AllowedTokensLogitsProcessor, aligned_logprobs
 
 
@@ -41,11 +41,11 @@ class Rollout:
     input_ids: Tensor  # [B, T]
     attention_mask: Tensor  # [B, T]
     response_mask: Tensor  # [B, T] float, 1 on response tokens incl. EOS
-    logprobs: Tensor  # [B, T] log p_old at sampling time (0 outside the response)
+    logprobs: Tensor | None  # [B, T] log p_old at sampling time (0 outside the response)
     ref_logprobs: Tensor  # [B, T] log p_ref
     scores: Tensor  # [B] reward (incl. the no-EOS penalty)
     ended: Tensor  # [B] bool: the response closed with EOS
-    entropy: Tensor  # [B, T] per-token entropy of p_old
+    entropy: Tensor | None  # [B, T] per-token entropy of p_old (None: left to the update)
     values: Tensor | None = None  # [B, T] value estimates (PPO)
     prompt_width: int = 0  # Tp: response tokens start at column Tp
 
@@ -93,16 +93,62 @@ def forward_logprobs(
     return logprobs, out.logits, (out.hidden_states[-1] if hidden else None)
 
 
+def sample_seeds(seed: int, rollout: int, keys: Tensor | list[int], group_size: int) -> list[int]:
+    """One seed per sample [len(keys)·k]: a hash of (run seed, rollout number, key, j < k).
+
+    Keys identify prompts (their index in the prompt set), so a sample's random draws do not depend
+    on the batch it is drawn in, nor on the rank that draws it (`trainer=ddp`).
+    """
+    import numpy as np
+
+    keys = keys.tolist() if isinstance(keys, Tensor) else list(keys)
+    return [
+        int(np.random.SeedSequence([seed, rollout, key, j]).generate_state(1, np.uint64)[0] >> 1)
+        for key in keys
+        for j in range(group_size)
+    ]
+
+
+class KeyedGumbelSampling:
+    """A logits processor that turns greedy decoding into sampling with a random stream per row.
+
+    argmax_v (s_v / T + g_v), g_v ~ Gumbel(0, 1) i.i.d., is a draw from softmax(s / T) (the
+    Gumbel-max trick). Row b's noise comes from its own generator seeded with `seeds[b]`, and every
+    row draws once per decoding step, so what a row samples depends on its seed and its own tokens
+    only. Costs one `torch.rand(V)` per row and step.
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, device: torch.device):
+        self.temperature = temperature
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        vocab, device = scores.shape[-1], scores.device
+        u = torch.stack([torch.rand(vocab, generator=g, device=device) for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))  # [B, V]
+        return scores.float() / self.temperature + gumbel
+
+
 @torch.no_grad()
-def sample(policy, tokenizer, prompts: list[str], group_size: int, settings: GenerationSettings):
+def sample(
+    policy,
+    tokenizer,
+    prompts: list[str],
+    group_size: int,
+    settings: GenerationSettings,
+    seeds: list[int] | None = None,
+):
     """Draw `group_size` responses per prompt with KV-cached batched generation.
 
     Returns (input_ids [B, T], attention_mask [B, T], response_mask [B, T], ended [B], Tp) where
     B = len(prompts)·group_size, Tp is the (left-padded) prompt width, and response tokens after
-    the first EOS are masked and padded.
+    the first EOS are masked and padded. With `seeds` ([B], see `sample_seeds`) each sample draws
+    from its own random stream (`KeyedGumbelSampling`); without, from the global RNG.
     """
+    if seeds is not None and len(seeds) != len(prompts) * group_size:
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts × {group_size} samples")
     device = next(policy.parameters()).device
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    encoded = encode_prompts(tokenizer, list(prompts))
     width = max(len(e) for e in encoded)
     pad_id = tokenizer.pad_token_id
     prompt_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
@@ -113,21 +159,30 @@ def sample(policy, tokenizer, prompts: list[str], group_size: int, settings: Gen
     processors = []
     if settings.allowed_token_ids is not None:
         processors.append(AllowedTokensLogitsProcessor(settings.allowed_token_ids))
+    if seeds is not None:  # greedy over Gumbel-perturbed logits = sampling, one stream per row
+        processors.append(KeyedGumbelSampling(seeds, settings.temperature, device))
+        prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
+        how = dict(do_sample=False, num_return_sequences=1)
+    else:
+        how = dict(
+            do_sample=True,
+            temperature=settings.temperature,
+            top_k=0,
+            top_p=1.0,
+            num_return_sequences=group_size,
+        )
     was_training = policy.training
     policy.eval()
     out = policy.generate(
         input_ids=prompt_ids.to(device),
         attention_mask=prompt_mask.to(device),
-        do_sample=True,
-        temperature=settings.temperature,
-        top_k=0,
-        top_p=1.0,
         max_new_tokens=settings.max_new_tokens,
         min_new_tokens=settings.min_new_tokens,
-        num_return_sequences=group_size,
         logits_processor=processors,
         pad_token_id=pad_id,
         eos_token_id=tokenizer.eos_token_id,
+        **how,
     )
     policy.train(was_training)
     response = out[:, width:]  # [B, Tr]
@@ -136,7 +191,9 @@ def sample(policy, tokenizer, prompts: list[str], group_size: int, settings: Gen
     response_mask = (~after_eos).long()
     response = response.masked_fill(after_eos, pad_id)
     ended = is_eos.any(-1)
-    prompt_mask = prompt_mask.to(device).repeat_interleave(group_size, dim=0)
+    if seeds is None:
+        prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
+    prompt_mask = prompt_mask.to(device)
     input_ids = torch.cat([out[:, :width], response], dim=1)
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
     full_response_mask = torch.cat([torch.zeros_like(prompt_mask), response_mask], dim=1)

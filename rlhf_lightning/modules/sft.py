@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from rlhf_lightning.distributed import global_mean_scale
 from rlhf_lightning.errors import NumericalError
 from rlhf_lightning.losses.masked import masked_mean
 from rlhf_lightning.models.logprobs import sequence_logprobs
@@ -45,8 +46,9 @@ class SFTModule(L.LightningModule):
                 f"{self.global_step}; the last good checkpoint is kept (lower "
                 "sft.module.optimizer.lr)"
             )
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        n = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+        return loss * global_mean_scale(batch["response_mask"].sum())  # see distributed.py
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.val_loss.update(self(batch), weight=batch["response_mask"].sum())

@@ -14,7 +14,7 @@ import torch
 
 from rlhf_lightning.artifacts import content_hash, read_manifest, require_artifact
 from rlhf_lightning.data.batching import pad, truncate
-from rlhf_lightning.data.encoding import encode_prompt, encode_response
+from rlhf_lightning.data.encoding import encode_prompts, encode_responses
 from rlhf_lightning.rewards.base import RewardFunction
 
 
@@ -58,14 +58,16 @@ class LearnedReward(RewardFunction):
         """Unnormalised RM scores [B]."""
         device = next(self.model.parameters()).device
         eos = self.tokenizer.eos_token_id
-        seqs = []
-        for prompt, response in zip(prompts, responses, strict=True):
-            p, r = truncate(
-                encode_prompt(self.tokenizer, prompt),
-                encode_response(self.tokenizer, response),
-                self.max_length,
-                eos,
-            )
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        seqs = []  # one batched tokenizer call each for prompts and responses
+        encoded = zip(
+            encode_prompts(self.tokenizer, list(prompts)),
+            encode_responses(self.tokenizer, list(responses)),
+            strict=True,
+        )
+        for p, r in encoded:
+            p, r = truncate(p, r, self.max_length, eos)
             seqs.append(p + r)
         scores = []
         for start in range(0, len(seqs), self.batch_size):

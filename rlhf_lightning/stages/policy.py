@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from rlhf_lightning.artifacts import content_hash, require_artifact, save_model_artifact
 from rlhf_lightning.data.prompts import PromptDataModule
+from rlhf_lightning.models.lora import export_for_saving
 from rlhf_lightning.modules.algorithm import Algorithm
 from rlhf_lightning.modules.evaluation import evaluate_policy
 from rlhf_lightning.modules.policy import PolicyModule
@@ -24,8 +25,8 @@ def build_policy_module(ctx) -> PolicyModule:
     cfg = ctx.cfg
     sft_path = require_artifact(ctx.artifact("sft"), "SFT", "python train.py stage=sft")
     tokenizer = ctx.tokenizer
-    policy = ctx.model_spec.causal_lm(tokenizer, path=sft_path)
-    reference = ctx.model_spec.causal_lm(tokenizer, path=sft_path)
+    # with model.lora the reference is the policy with its adapter disabled: one copy of the weights
+    policy, reference = ctx.model_spec.policy_and_reference(tokenizer, path=sft_path)
     reward = instantiate(cfg.reward).setup(ctx)
     task = ctx.data.task
     generation = GenerationSettings(**OmegaConf.to_container(cfg.policy.generation))
@@ -52,6 +53,7 @@ def build_policy_module(ctx) -> PolicyModule:
         missing_eos_penalty=cfg.policy.missing_eos_penalty,
         max_grad_norm=cfg.policy.max_grad_norm,
         exact=exact,
+        seed=cfg.seed,
     )
     module.identity = {
         "sft_sha256": content_hash(sft_path),
@@ -65,15 +67,15 @@ def run_policy(ctx) -> dict:
     module = build_policy_module(ctx)
     datamodule = PromptDataModule(ctx.data, module.tokenizer, cfg.prompts_per_step, ctx.cfg.seed)
     # Lightning counts optimiser steps; `policy.steps` counts rollouts (sample → score → update)
-    algo = module.algorithm
-    per_rollout = 1 if algo.name == "exact" else algo.epochs * algo.minibatches
+    per_rollout = module.algorithm.updates_per_rollout
     trainer = ctx.trainer("policy", max_steps=cfg.steps * per_rollout, limit_val_batches=0)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ctx.ckpt_path("policy"))
     result = {"beta": float(module.beta.value)}
     if trainer.is_global_zero:
         gold = getattr(ctx.data.task, "gold_reward", None)
         with torch.no_grad():
-            final = evaluate_policy(module, datamodule.prompts["eval"], gold, cfg.eval_samples)
+            prompts = datamodule.prompts["eval"]
+            final = evaluate_policy(module, prompts, gold, cfg.eval_samples, ctx.cfg.seed)
         result.update(final)
         # the objective the stage optimises, r − β·KL, at the final β (what sweeps maximise)
         result["objective"] = final["proxy_reward"] - result["beta"] * final["kl"]
@@ -81,8 +83,12 @@ def run_policy(ctx) -> dict:
             result.update(module.exact.summary(module.policy, module.beta.value))
             result["frontier"] = module.exact.frontier()
         manifest = {"stage": "policy", "metrics": final, **module.identity}
-        result["sha256"] = save_model_artifact(
-            module.policy, module.tokenizer, ctx.artifact("policy", write=True), manifest
+        result["sha256"] = save_model_artifact(  # a plain HF model (a LoRA adapter merged in)
+            export_for_saving(module.policy),
+            module.tokenizer,
+            ctx.artifact("policy", write=True),
+            manifest,
         )
         result["artifact"] = str(ctx.artifact("policy", write=True))
+    trainer.strategy.barrier("artifact")  # other ranks read it in the next stage
     return result

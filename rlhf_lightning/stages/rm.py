@@ -39,4 +39,5 @@ def run_rm(ctx) -> dict:
             reward_model, ctx.tokenizer, ctx.artifact("rm", write=True), manifest
         )
         result["artifact"] = str(ctx.artifact("rm", write=True))
+    trainer.strategy.barrier("artifact")  # other ranks read it in the next stage
     return result

@@ -34,4 +34,5 @@ def run_sft(ctx) -> dict:
             policy, ctx.tokenizer, ctx.artifact("sft", write=True), manifest
         )
         result["artifact"] = str(ctx.artifact("sft", write=True))
+    trainer.strategy.barrier("artifact")  # other ranks read it in the next stage
     return result

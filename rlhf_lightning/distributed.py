@@ -1,0 +1,54 @@
+"""What several processes (`trainer=ddp`) share: global sums, loss normalisation, rank zero.
+
+Batch sizes in the config are *global*: each rank takes its slice of every global batch (see
+`LengthGroupedBatchSampler`). So that the result does not depend on how many processes there are,
+every mean over a batch is taken over the global batch. DDP averages gradients over ranks, so a
+rank's loss must be scaled to `world · (local sum) / (global count)`; `global_mean_scale` gives the
+factor. Without an initialised process group everything here is the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_rank_zero() -> bool:
+    """True on the process that writes files (also before the process group exists)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """The sum of `x` over all ranks (a new detached tensor; `x` itself on one process)."""
+    if world_size() == 1:
+        return x.detach()
+    out = x.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def global_mean_scale(local_count: Tensor | float) -> float:
+    """Factor turning a rank's local mean into its share of the global mean.
+
+    With L_r = S_r / n_r the local mean, DDP's gradient average (1/W)·Σ_r ∇(c_r·L_r) equals
+    ∇(Σ_r S_r / N) when c_r = W · n_r / N, N = Σ_r n_r. On one process c = 1.
+    """
+    if world_size() == 1:
+        return 1.0
+    n = torch.as_tensor(local_count, dtype=torch.float64).detach().reshape(())
+    return float(world_size() * n / all_reduce_sum(n).clamp_min(1e-12))
+
+
+def barrier() -> None:
+    """Wait for every rank (e.g. until rank zero has written an artifact the next stage reads)."""
+    if world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,195 @@
+"""`trainer=ddp trainer.devices=2` (CPU, gloo) gives the result of one process on the same global batch.
+
+Tolerance: parameters within 1e-5 (absolute) and logged metrics within 1e-5 after a few steps. The
+two runs differ only in float summation order (another batch split, another padding width), which
+the tiny runs below measure at ~1e-7. What makes them equal: batch sizes are global and each rank
+takes a slice of every batch (`LengthGroupedBatchSampler`), losses are global means
+(`distributed.global_mean_scale`), whitening and baselines use global statistics, the β controller
+reads the global KL, and each sample's random draws are keyed by its prompt (`sample_seeds`), so a
+sample is the same whichever rank draws it.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TINY, train_cli
+
+from rlhf_lightning.data.batching import LengthGroupedBatchSampler, rank_slice
+from rlhf_lightning.losses import masked_whiten, reinforce_advantages
+from rlhf_lightning.modules.rollout import KeyedGumbelSampling, sample_seeds
+
+TOL = 1e-5
+
+
+# ---- sharding, keyed sampling and global statistics (fast) -------------------------------------
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_split_each_global_batch(world):
+    lengths = [i % 7 for i in range(101)]
+    one = LengthGroupedBatchSampler(lengths, 8, seed=3)
+    ranks = [
+        LengthGroupedBatchSampler(lengths, 8, seed=3, num_replicas=world, rank=r)
+        for r in range(world)
+    ]
+    expected = [b for b in one if len(b) >= world]  # a batch smaller than the world is dropped
+    per_rank = [list(s) for s in ranks]
+    assert all(len(p) == len(expected) for p in per_rank)  # same step count on every rank
+    for step, batch in enumerate(expected):
+        assert sum((p[step] for p in per_rank), []) == batch  # ranks' slices make the batch
+
+
+def test_rank_slice_sizes():
+    assert [rank_slice(list(range(5)), 2, r) for r in range(2)] == [[0, 1, 2], [3, 4]]
+    assert [len(rank_slice(list(range(7)), 3, r)) for r in range(3)] == [3, 2, 2]
+
+
+def test_keyed_gumbel_sampling_draws_from_softmax():
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0, 1.0]])
+    temperature = 0.7
+    seeds = sample_seeds(0, 0, range(20_000), 1)
+    processor = KeyedGumbelSampling(seeds, temperature, torch.device("cpu"))
+    scores = processor(None, logits.expand(len(seeds), -1))
+    freq = torch.bincount(scores.argmax(-1), minlength=5).double() / len(seeds)
+    expected = torch.softmax(logits[0].double() / temperature, -1)
+    assert (freq - expected).abs().sum() / 2 < 0.015  # total variation; ~0.005 at this n
+
+
+def test_keyed_sample_does_not_depend_on_its_batch():
+    seeds = sample_seeds(1, 7, [3, 4, 5, 6], 2)
+    assert len(set(seeds)) == 8
+    assert sample_seeds(1, 7, [5], 2) == seeds[4:6]  # a key's seeds, whatever else is drawn
+    assert sample_seeds(1, 8, [5], 2) != seeds[4:6]  # a new rollout draws anew
+    logits = torch.randn(8, 11)
+    full = KeyedGumbelSampling(seeds, 1.0, torch.device("cpu"))(None, logits)
+    part = KeyedGumbelSampling(seeds[4:6], 1.0, torch.device("cpu"))(None, logits[4:6])
+    assert torch.equal(full[4:6], part)
+
+
+def _split_all_reduce(*parts_stats):
+    """A fake all-reduce for rank 0 of a split batch: adds the other ranks' contributions."""
+    return lambda local: local + sum(parts_stats)
+
+
+def test_global_whitening_and_baseline_equal_one_process():
+    x, mask = torch.randn(6, 5), (torch.rand(6, 5) > 0.3).float()
+    whole = masked_whiten(x, mask)
+    m1 = mask[3:]
+    other = torch.stack([m1.sum(), (m1 * x[3:]).sum(), (m1 * x[3:] ** 2).sum()])
+    part = masked_whiten(x[:3], mask[:3], all_reduce=_split_all_reduce(other))
+    assert torch.allclose(part * mask[:3], whole[:3] * mask[:3], atol=1e-5)
+    s = torch.randn(8)
+    other = torch.stack([s[5:].sum(), torch.tensor(3.0)])
+    part = reinforce_advantages(s[:5], all_reduce=_split_all_reduce(other))
+    assert torch.allclose(part, reinforce_advantages(s)[:5], atol=1e-6)
+
+
+# ---- end to end: two processes vs one ----------------------------------------------------------
+
+BASE = [*TINY, "callbacks=none", "rm.batch_size=16", "policy.prompts_per_step=8"]
+DDP = ["trainer=ddp", "trainer.devices=2"]
+
+
+def _ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _weights(artifact: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(artifact / "model.safetensors")
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def _metrics(run_dir: Path, stage: str) -> dict[str, list[float]]:
+    """Per-step train/* and ppo/* columns of the CSV logger."""
+    (path,) = (run_dir / "csv" / stage).rglob("metrics.csv")
+    series: dict[str, list[float]] = {}
+    for row in csv.DictReader(path.open()):
+        for key, value in row.items():
+            if key.startswith(("train/", "ppo/")) and value:
+                series.setdefault(key, []).append(float(value))
+    return series
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """An SFT model and a reward model, trained by one process."""
+    root = tmp_path_factory.mktemp("ddp")
+    for stage in ("sft", "rm"):
+        _ok(train_cli([*BASE, f"stage={stage}", f"hydra.run.dir={root}/{stage}1"], root))
+    return root
+
+
+@pytest.mark.slow
+def test_rm_stage_two_processes_equal_one(base):
+    other = base / "artifacts_ddp"
+    args = [*BASE, "stage=rm", f"paths.artifacts_dir={other}", f"hydra.run.dir={base}/rm2"]
+    out = _ok(train_cli([*args, *DDP], base))
+    assert (base / "rm2" / "train_ddp_process_1.log").exists()  # a second process did run
+    assert "[rm] accuracy=" in out.stdout  # rank zero reports once
+    assert out.stdout.count("== rlhf-lightning summary ==") == 1
+    assert (
+        _max_diff(
+            _weights(other / "reviews" / "rm"), _weights(base / "artifacts" / "reviews" / "rm")
+        )
+        < TOL
+    )
+    one, two = _metrics(base / "rm1", "rm"), _metrics(base / "rm2", "rm")
+    assert len(one["train/loss"]) == len(two["train/loss"]) > 5
+    for key in ("train/loss", "train/accuracy"):  # logged with sync_dist: the global batch
+        assert max(abs(a - b) for a, b in zip(one[key], two[key])) < TOL, key
+
+
+def _policy_pair(base: Path, name: str, extra: list[str]) -> tuple[dict, dict, Path, Path]:
+    weights = []
+    for tag, launch in (("1", []), ("2", DDP)):
+        run = base / f"{name}{tag}"
+        _ok(train_cli([*BASE, "stage=policy", f"hydra.run.dir={run}", *extra, *launch], base))
+        weights.append(_weights(base / "artifacts" / "reviews" / "policy"))
+    return weights[0], weights[1], base / f"{name}1", base / f"{name}2"
+
+
+@pytest.mark.slow
+def test_policy_stage_two_processes_equal_one(base):
+    """rloo with an adaptive β: rollouts, updates, β and the final evaluation all match."""
+    extra = ["algo=rloo", "kl_controller=adaptive", "policy.steps=4"]
+    one_w, two_w, one, two = _policy_pair(base, "rloo", extra)
+    assert (two / "train_ddp_process_1.log").exists()
+    assert _max_diff(one_w, two_w) < TOL
+    m1, m2 = _metrics(one, "policy"), _metrics(two, "policy")
+    assert len(m1["train/kl"]) == len(m2["train/kl"]) == 4
+    for key in ("train/kl", "train/beta", "train/reward", "train/objective"):
+        assert max(abs(a - b) for a, b in zip(m1[key], m2[key])) < TOL, key
+    assert len(set(m1["train/beta"])) > 1  # β moved: the controller saw the (global) KL
+    r1 = _result(one)["results"]["policy"]
+    r2 = _result(two)["results"]["policy"]
+    for key in ("proxy_reward", "kl", "gold_reward", "beta"):
+        assert abs(r1[key] - r2[key]) < 1e-4, key
+
+
+@pytest.mark.slow
+def test_ppo_two_processes_equal_one(base):
+    """Value head, GAE and advantage whitening over the global batch (one minibatch, 2 epochs)."""
+    extra = ["algo=ppo", "algo.minibatches=1", "algo.epochs=2", "policy.steps=3"]
+    one_w, two_w, one, two = _policy_pair(base, "ppo", extra)
+    assert _max_diff(one_w, two_w) < TOL
+    m1, m2 = _metrics(one, "policy"), _metrics(two, "policy")
+    for key in ("train/kl", "train/reward", "ppo/value_loss", "ppo/clipfrac"):
+        assert len(m1[key]) == len(m2[key]) == 3, key
+        assert max(abs(a - b) for a, b in zip(m1[key], m2[key])) < TOL, key
+
+
+def _result(run_dir: Path) -> dict:
+    import json
+
+    return json.loads((run_dir / "result.json").read_text())
