@@ -31,6 +31,7 @@ from rlhf_lightning.resume import (
     quiet_resume_warnings,
     resolve_checkpoints,
 )
+from rlhf_lightning.sharding import check_strategy
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -91,6 +92,7 @@ class RunContext:
             plugins=[SafeCheckpointIO()],  # checkpoints load with weights_only=True
             **overrides,
         )
+        check_strategy(trainer.strategy)  # before any work: e.g. ZeRO-3 is refused
         for logger in trainer.loggers:  # the whole composed config, so runs can be compared
             logger.log_hyperparams(to_dict(self.cfg))
         return trainer

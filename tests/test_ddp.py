@@ -193,3 +193,16 @@ def _result(run_dir: Path) -> dict:
     import json
 
     return json.loads((run_dir / "result.json").read_text())
+
+
+@pytest.mark.slow
+def test_lora_policy_two_processes_equal_one(base):
+    """Only the adapter is trained (and all-reduced); the reference is the adapter-free network."""
+    extra = ["model.lora={r:4}", "policy.steps=3", "policy.optimizer.lr=1e-2"]
+    one_w, two_w, one, two = _policy_pair(base, "lora", extra)
+    assert _max_diff(one_w, two_w) < TOL
+    sft = _weights(base / "artifacts" / "reviews" / "sft")
+    assert _max_diff(one_w, sft) > 1e-4  # the merged adapter moved the policy
+    m1, m2 = _metrics(one, "policy"), _metrics(two, "policy")
+    for key in ("train/kl", "train/reward"):
+        assert max(abs(a - b) for a, b in zip(m1[key], m2[key])) < TOL, key

@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from rlhf_lightning.errors import ConfigError
 from rlhf_lightning.modules.evaluation import sample_and_score
+from rlhf_lightning.sharding import gathered_weights
 
 NO_GOLD = (
     "the data has no gold reward (it is not a built-in task): evaluation callbacks log the proxy "
@@ -174,8 +175,9 @@ class EvalCallback(L.Callback):
 
     def _run(self, trainer, pl_module) -> None:
         self.last_step = trainer.global_step
-        if trainer.is_global_zero:
-            self.evaluate(trainer, pl_module)
+        with gathered_weights(trainer):  # every rank enters: under FSDP it gathers the weights
+            if trainer.is_global_zero:
+                self.evaluate(trainer, pl_module)
 
     def state_dict(self) -> dict:
         return {"last_step": self.last_step}

@@ -31,6 +31,7 @@ from rlhf_lightning.modules.rollout import (
     sample,
     sample_seeds,
 )
+from rlhf_lightning.sharding import clip_grad_norm
 
 
 class PolicyModule(L.LightningModule):
@@ -325,10 +326,8 @@ class PolicyModule(L.LightningModule):
             )
         optimizer.zero_grad()
         self.manual_backward(loss)
-        if self.max_grad_norm:
-            self.clip_gradients(
-                optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
-            )
+        if self.max_grad_norm:  # by the global norm, also when FSDP shards the gradients
+            clip_grad_norm(self, optimizer, self.max_grad_norm)
         optimizer.step()
 
     def _values(self, hidden: torch.Tensor) -> torch.Tensor:

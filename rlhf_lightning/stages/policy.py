@@ -18,6 +18,7 @@ from rlhf_lightning.modules.algorithm import Algorithm
 from rlhf_lightning.modules.evaluation import evaluate_policy
 from rlhf_lightning.modules.policy import PolicyModule
 from rlhf_lightning.modules.rollout import GenerationSettings
+from rlhf_lightning.sharding import deepspeed_gradient_clipping, gathered_weights
 
 
 def build_policy_module(ctx) -> PolicyModule:
@@ -69,26 +70,28 @@ def run_policy(ctx) -> dict:
     # Lightning counts optimiser steps; `policy.steps` counts rollouts (sample → score → update)
     per_rollout = module.algorithm.updates_per_rollout
     trainer = ctx.trainer("policy", max_steps=cfg.steps * per_rollout, limit_val_batches=0)
+    deepspeed_gradient_clipping(trainer.strategy, cfg.max_grad_norm)  # its engine clips
     trainer.fit(module, datamodule=datamodule, ckpt_path=ctx.ckpt_path("policy"))
     result = {"beta": float(module.beta.value)}
-    if trainer.is_global_zero:
-        gold = getattr(ctx.data.task, "gold_reward", None)
-        with torch.no_grad():
-            prompts = datamodule.prompts["eval"]
-            final = evaluate_policy(module, prompts, gold, cfg.eval_samples, ctx.cfg.seed)
-        result.update(final)
-        # the objective the stage optimises, r − β·KL, at the final β (what sweeps maximise)
-        result["objective"] = final["proxy_reward"] - result["beta"] * final["kl"]
-        if module.exact is not None:
-            result.update(module.exact.summary(module.policy, module.beta.value))
-            result["frontier"] = module.exact.frontier()
-        manifest = {"stage": "policy", "metrics": final, **module.identity}
-        result["sha256"] = save_model_artifact(  # a plain HF model (a LoRA adapter merged in)
-            export_for_saving(module.policy),
-            module.tokenizer,
-            ctx.artifact("policy", write=True),
-            manifest,
-        )
-        result["artifact"] = str(ctx.artifact("policy", write=True))
+    with gathered_weights(trainer):  # every rank enters (FSDP gathers the whole weights)
+        if trainer.is_global_zero:
+            gold = getattr(ctx.data.task, "gold_reward", None)
+            with torch.no_grad():
+                prompts = datamodule.prompts["eval"]
+                final = evaluate_policy(module, prompts, gold, cfg.eval_samples, ctx.cfg.seed)
+            result.update(final)
+            # the objective the stage optimises, r − β·KL, at the final β (what sweeps maximise)
+            result["objective"] = final["proxy_reward"] - result["beta"] * final["kl"]
+            if module.exact is not None:
+                result.update(module.exact.summary(module.policy, module.beta.value))
+                result["frontier"] = module.exact.frontier()
+            manifest = {"stage": "policy", "metrics": final, **module.identity}
+            result["sha256"] = save_model_artifact(  # a plain HF model (a LoRA adapter merged in)
+                export_for_saving(module.policy),
+                module.tokenizer,
+                ctx.artifact("policy", write=True),
+                manifest,
+            )
+            result["artifact"] = str(ctx.artifact("policy", write=True))
     trainer.strategy.barrier("artifact")  # other ranks read it in the next stage
     return result
