@@ -206,3 +206,31 @@ def test_lora_policy_two_processes_equal_one(base):
     m1, m2 = _metrics(one, "policy"), _metrics(two, "policy")
     for key in ("train/kl", "train/reward"):
         assert max(abs(a - b) for a, b in zip(m1[key], m2[key])) < TOL, key
+
+
+@pytest.mark.slow
+def test_ddp_policy_killed_and_resumed_equals_one_uninterrupted_process(base):
+    """SIGKILL both ranks after a checkpoint; `ckpt_path=last` on 2 processes resumes the sampler
+    position, β, the optimiser and the rollout count, and ends where one process does unbroken."""
+    import os
+    import signal
+    import subprocess
+
+    from test_faults import checkpoint_step, spawn, wait_for
+
+    policy = [*BASE, "stage=policy", "policy.steps=6", "checkpoint.every_n_train_steps=2"]
+    policy += ["kl_controller=adaptive"]
+    runs = base / "resume"
+    _ok(train_cli([*policy, f"hydra.run.dir={runs}/whole"], base))
+    whole = _weights(base / "artifacts" / "reviews" / "policy")
+    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = [*policy, *DDP, f"hydra.run.dir={runs}/crash/first"]
+    crashed = spawn(first, base, "slowpolicy:1.0", **quiet)
+    last = wait_for("resume/crash/first/checkpoints/policy/last.ckpt", base, crashed)
+    os.killpg(crashed.pid, signal.SIGKILL)  # rank zero and the rank it started
+    assert crashed.wait(timeout=30) == -signal.SIGKILL
+    assert checkpoint_step(last) < 6
+    second = [*policy, *DDP, "ckpt_path=last", f"hydra.run.dir={runs}/crash/second"]
+    resumed = _ok(train_cli(second, base))
+    assert "[policy] resuming from" in resumed.stdout
+    assert _max_diff(_weights(base / "artifacts" / "reviews" / "policy"), whole) < TOL
