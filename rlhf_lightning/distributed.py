@@ -48,6 +48,16 @@ def global_mean_scale(local_count: Tensor | float) -> float:
     return float(world_size() * n / all_reduce_sum(n).clamp_min(1e-12))
 
 
+def rank_offset(n: int, device=None) -> tuple[int, int]:
+    """(rows on the ranks before this one, rows on all ranks) for a batch split in rank order."""
+    if world_size() == 1:
+        return 0, n
+    sizes = torch.zeros(world_size(), dtype=torch.long, device=device)
+    sizes[dist.get_rank()] = n
+    sizes = all_reduce_sum(sizes)
+    return int(sizes[: dist.get_rank()].sum()), int(sizes.sum())
+
+
 def barrier() -> None:
     """Wait for every rank (e.g. until rank zero has written an artifact the next stage reads)."""
     if world_size() > 1:

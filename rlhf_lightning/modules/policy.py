@@ -18,7 +18,12 @@ import torch
 from torch import nn
 
 from rlhf_lightning.control.beta import BetaController
-from rlhf_lightning.distributed import all_reduce_sum, global_mean_scale, world_size
+from rlhf_lightning.distributed import (
+    all_reduce_sum,
+    global_mean_scale,
+    rank_offset,
+    world_size,
+)
 from rlhf_lightning.errors import NumericalError
 from rlhf_lightning.losses import masked_mean, ppo_policy_loss, ppo_value_loss, sequence_kl
 from rlhf_lightning.models.logprobs import entropy_from_logits
@@ -30,8 +35,11 @@ from rlhf_lightning.modules.rollout import (
     forward_logprobs,
     sample,
     sample_seeds,
+    stream_seed,
 )
 from rlhf_lightning.sharding import clip_grad_norm
+
+MINIBATCH_STREAM = 2**33  # the key of minibatch shuffles, apart from every prompt index
 
 
 class PolicyModule(L.LightningModule):
@@ -141,8 +149,7 @@ class PolicyModule(L.LightningModule):
         k, gen = self.algorithm.group_size, self.generation
         seeds = None
         if keys is not None:
-            rollouts_done = self.global_step // self.algorithm.updates_per_rollout
-            seeds = sample_seeds(self.seed, rollouts_done, keys, k)
+            seeds = sample_seeds(self.seed, self._rollouts_done(), keys, k)
         ids, attn, resp_mask, ended, width = sample(
             self.policy, self.tokenizer, prompts, k, gen, seeds
         )
@@ -248,15 +255,16 @@ class PolicyModule(L.LightningModule):
         stats = self._rollout_stats(rollout)
         optimizer = self.optimizers()
         history: dict[str, list[torch.Tensor]] = {}
-        n, mask = len(rollout.prompts), rollout.response_mask
-        for _ in range(self.algorithm.epochs):
-            shuffle = self.algorithm.minibatches > 1  # one minibatch: no order, no RNG drawn
-            order = (
-                torch.randperm(n, device=mask.device)
-                if shuffle
-                else torch.arange(n, device=mask.device)
-            )
-            for idx in order.chunk(self.algorithm.minibatches):
+        mask, rollout_number = rollout.response_mask, self._rollouts_done()
+        for epoch in range(self.algorithm.epochs):
+            rows = self._minibatch_rows(len(rollout.prompts), mask.device, rollout_number, epoch)
+            for idx in rows:
+                if len(idx) == 0:  # no row of this minibatch on this rank: join the ranks'
+                    global_mean_scale(mask.new_zeros(()))  # collectives with a zero gradient
+                    self._step(optimizer, self._zero_loss())
+                    for key in self._diagnostics:
+                        history.setdefault(f"ppo/{key}", []).append(mask.new_zeros(()))
+                    continue
                 mb = rollout.select(idx)
                 out = self.minibatch_loss(
                     mb, advantages[idx], None if returns is None else returns[idx]
@@ -265,11 +273,37 @@ class PolicyModule(L.LightningModule):
                 # diagnostics too, once the logger averages the ranks (sync_dist)
                 scale = global_mean_scale(mb.response_mask.sum())
                 self._step(optimizer, out["loss"] * scale)
-                for key in ("clipfrac", "approx_kl", "value_loss"):
-                    if key in out:
-                        history.setdefault(f"ppo/{key}", []).append(out[key].detach() * scale)
+                for key in self._diagnostics:
+                    history.setdefault(f"ppo/{key}", []).append(out[key].detach() * scale)
         stats.update({k: torch.stack(v).mean() for k, v in history.items()})
         return stats
+
+    def _minibatch_rows(self, n: int, device, rollout: int, epoch: int) -> list[torch.Tensor]:
+        """This rank's rows [n] of each minibatch: a shuffle of the GLOBAL batch cut into
+        `minibatches` chunks, of which every rank keeps its own rows — the minibatches one process
+        would cut. The shuffle is keyed by (seed, rollout, epoch), the same on every rank and on
+        resume, whatever the global RNG did."""
+        if self.algorithm.minibatches == 1:  # no order, no RNG drawn
+            return [torch.arange(n, device=device)]
+        offset, total = rank_offset(n, device)
+        generator = torch.Generator().manual_seed(
+            stream_seed(self.seed, rollout, MINIBATCH_STREAM, epoch)
+        )
+        order = torch.randperm(total, generator=generator).to(device)
+        chunks = order.chunk(self.algorithm.minibatches)
+        return [c[(c >= offset) & (c < offset + n)] - offset for c in chunks]
+
+    def _rollouts_done(self) -> int:
+        """Rollouts finished before this one (Lightning's global_step counts optimiser steps)."""
+        return self.global_step // self.algorithm.updates_per_rollout
+
+    @property
+    def _diagnostics(self) -> tuple[str, ...]:
+        """The per-minibatch diagnostics `minibatch_loss` returns (logged as ppo/*)."""
+        return ("clipfrac", "approx_kl") + (("value_loss",) if self.value_head is not None else ())
+
+    def _zero_loss(self) -> torch.Tensor:
+        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
 
     def _fused_update(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         """One update whose forward pass also gives log p_old = log p_θ (detached) and the entropy.

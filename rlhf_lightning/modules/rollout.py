@@ -93,20 +93,21 @@ def forward_logprobs(
     return logprobs, out.logits, (out.hidden_states[-1] if hidden else None)
 
 
+def stream_seed(*key: int) -> int:
+    """A well-mixed 63-bit seed from integers (numpy's SeedSequence hash): one random stream per key."""
+    import numpy as np
+
+    return int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1)
+
+
 def sample_seeds(seed: int, rollout: int, keys: Tensor | list[int], group_size: int) -> list[int]:
     """One seed per sample [len(keys)·k]: a hash of (run seed, rollout number, key, j < k).
 
     Keys identify prompts (their index in the prompt set), so a sample's random draws do not depend
     on the batch it is drawn in, nor on the rank that draws it (`trainer=ddp`).
     """
-    import numpy as np
-
     keys = keys.tolist() if isinstance(keys, Tensor) else list(keys)
-    return [
-        int(np.random.SeedSequence([seed, rollout, key, j]).generate_state(1, np.uint64)[0] >> 1)
-        for key in keys
-        for j in range(group_size)
-    ]
+    return [stream_seed(seed, rollout, key, j) for key in keys for j in range(group_size)]
 
 
 class KeyedGumbelSampling:
