@@ -21,25 +21,22 @@ from rlhf_lightning.control.beta import BetaController
 from rlhf_lightning.distributed import (
     all_reduce_sum,
     global_mean_scale,
-    rank_offset,
     world_size,
 )
 from rlhf_lightning.errors import NumericalError
 from rlhf_lightning.losses import masked_mean, ppo_policy_loss, ppo_value_loss, sequence_kl
-from rlhf_lightning.models.logprobs import entropy_from_logits
 from rlhf_lightning.modules.algorithm import Algorithm
 from rlhf_lightning.modules.rollout import (
     GenerationSettings,
     Rollout,
     decode_responses,
     forward_logprobs,
+    minibatch_rows,
+    response_entropy,
     sample,
     sample_seeds,
-    stream_seed,
 )
 from rlhf_lightning.sharding import clip_grad_norm
-
-MINIBATCH_STREAM = 2**33  # the key of minibatch shuffles, apart from every prompt index
 
 
 class PolicyModule(L.LightningModule):
@@ -164,7 +161,7 @@ class PolicyModule(L.LightningModule):
                 gen.allowed_token_ids,
                 hidden=self.value_head is not None,
             )
-            entropy = self._entropy(logits, resp_mask)
+            entropy = response_entropy(logits, resp_mask, gen)
             del logits
         ref_logprobs, _, _ = forward_logprobs(
             self.reference, ids, attn, resp_mask, gen.temperature, gen.allowed_token_ids
@@ -189,12 +186,6 @@ class PolicyModule(L.LightningModule):
             values=values,
             prompt_width=width,
         )
-
-    def _entropy(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Entropy [B, T] of the sampling distribution at each response token (nats)."""
-        gen = self.generation
-        h = entropy_from_logits(logits[:, :-1], gen.temperature, gen.allowed_token_ids)
-        return torch.cat([torch.zeros_like(h[:, :1]), h], 1) * mask
 
     def advantages(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Advantages [B, T] of a rollout at the current β, and returns [B, T] (PPO) or None."""
@@ -257,7 +248,10 @@ class PolicyModule(L.LightningModule):
         history: dict[str, list[torch.Tensor]] = {}
         mask, rollout_number = rollout.response_mask, self._rollouts_done()
         for epoch in range(self.algorithm.epochs):
-            rows = self._minibatch_rows(len(rollout.prompts), mask.device, rollout_number, epoch)
+            key = (self.seed, rollout_number, epoch)
+            rows = minibatch_rows(
+                len(rollout.prompts), self.algorithm.minibatches, key, mask.device
+            )
             for idx in rows:
                 if len(idx) == 0:  # no row of this minibatch on this rank: join the ranks'
                     global_mean_scale(mask.new_zeros(()))  # collectives with a zero gradient
@@ -277,21 +271,6 @@ class PolicyModule(L.LightningModule):
                     history.setdefault(f"ppo/{key}", []).append(out[key].detach() * scale)
         stats.update({k: torch.stack(v).mean() for k, v in history.items()})
         return stats
-
-    def _minibatch_rows(self, n: int, device, rollout: int, epoch: int) -> list[torch.Tensor]:
-        """This rank's rows [n] of each minibatch: a shuffle of the GLOBAL batch cut into
-        `minibatches` chunks, of which every rank keeps its own rows — the minibatches one process
-        would cut. The shuffle is keyed by (seed, rollout, epoch), the same on every rank and on
-        resume, whatever the global RNG did."""
-        if self.algorithm.minibatches == 1:  # no order, no RNG drawn
-            return [torch.arange(n, device=device)]
-        offset, total = rank_offset(n, device)
-        generator = torch.Generator().manual_seed(
-            stream_seed(self.seed, rollout, MINIBATCH_STREAM, epoch)
-        )
-        order = torch.randperm(total, generator=generator).to(device)
-        chunks = order.chunk(self.algorithm.minibatches)
-        return [c[(c >= offset) & (c < offset + n)] - offset for c in chunks]
 
     def _rollouts_done(self) -> int:
         """Rollouts finished before this one (Lightning's global_step counts optimiser steps)."""
@@ -321,7 +300,10 @@ class PolicyModule(L.LightningModule):
             gen.allowed_token_ids,
         )
         with torch.no_grad():
-            rollout.logprobs, rollout.entropy = logprobs.detach(), self._entropy(logits, mask)
+            rollout.logprobs, rollout.entropy = (
+                logprobs.detach(),
+                response_entropy(logits, mask, gen),
+            )
         del logits
         advantages, returns = self.advantages(rollout)
         stats = self._rollout_stats(rollout)

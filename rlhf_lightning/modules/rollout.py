@@ -15,7 +15,14 @@ import torch
 from torch import Tensor
 
 from rlhf_lightning.data.encoding import encode_prompts
-from rlhf_lightning.models.logprobs import AllowedTokensLogitsProcessor, aligned_logprobs
+from rlhf_lightning.distributed import rank_offset
+from rlhf_lightning.models.logprobs import (
+    AllowedTokensLogitsProcessor,
+    aligned_logprobs,
+    entropy_from_logits,
+)
+
+MINIBATCH_STREAM = 2**33  # the key of minibatch shuffles, apart from every prompt index
 
 
 @dataclass
@@ -208,3 +215,22 @@ def decode_responses(tokenizer, input_ids: Tensor, response_mask: Tensor) -> lis
         tokens = ids[mask.bool()].tolist()
         texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
     return texts
+
+
+def response_entropy(logits: Tensor, mask: Tensor, settings: GenerationSettings) -> Tensor:
+    """Entropy [B, T] (nats) of the sampling distribution at each response token, from logits
+    [B, T, V] aligned like `aligned_logprobs` (position t from logits t−1); 0 off the response."""
+    h = entropy_from_logits(logits[:, :-1], settings.temperature, settings.allowed_token_ids)
+    return torch.cat([torch.zeros_like(h[:, :1]), h], 1) * mask
+
+
+def minibatch_rows(n: int, minibatches: int, key: tuple[int, ...], device=None) -> list[Tensor]:
+    """This rank's rows (of its n) in each minibatch: a shuffle of the GLOBAL batch keyed by `key`
+    (seed, rollout, epoch), cut into `minibatches` chunks, of which every rank keeps its own rows —
+    the minibatches one process would cut, whatever the global RNG did (`trainer=ddp`, resume)."""
+    if minibatches == 1:  # no order, no random draw
+        return [torch.arange(n, device=device)]
+    offset, total = rank_offset(n, device)
+    generator = torch.Generator().manual_seed(stream_seed(*key[:2], MINIBATCH_STREAM, *key[2:]))
+    chunks = torch.randperm(total, generator=generator).to(device).chunk(minibatches)
+    return [c[(c >= offset) & (c < offset + n)] - offset for c in chunks]
