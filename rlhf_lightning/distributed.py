@@ -57,8 +57,3 @@ def rank_offset(n: int, device=None) -> tuple[int, int]:
     sizes = all_reduce_sum(sizes)
     return int(sizes[: dist.get_rank()].sum()), int(sizes.sum())
 
-
-def barrier() -> None:
-    """Wait for every rank (e.g. until rank zero has written an artifact the next stage reads)."""
-    if world_size() > 1:
-        dist.barrier()

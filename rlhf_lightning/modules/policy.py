@@ -248,16 +248,16 @@ class PolicyModule(L.LightningModule):
         history: dict[str, list[torch.Tensor]] = {}
         mask, rollout_number = rollout.response_mask, self._rollouts_done()
         for epoch in range(self.algorithm.epochs):
-            key = (self.seed, rollout_number, epoch)
+            stream = (self.seed, rollout_number, epoch)  # keys this epoch's shuffle
             rows = minibatch_rows(
-                len(rollout.prompts), self.algorithm.minibatches, key, mask.device
+                len(rollout.prompts), self.algorithm.minibatches, stream, mask.device
             )
             for idx in rows:
                 if len(idx) == 0:  # no row of this minibatch on this rank: join the ranks'
                     global_mean_scale(mask.new_zeros(()))  # collectives with a zero gradient
                     self._step(optimizer, self._zero_loss())
-                    for key in self._diagnostics:
-                        history.setdefault(f"ppo/{key}", []).append(mask.new_zeros(()))
+                    for name in self._diagnostics:
+                        history.setdefault(f"ppo/{name}", []).append(mask.new_zeros(()))
                     continue
                 mb = rollout.select(idx)
                 out = self.minibatch_loss(
@@ -267,8 +267,8 @@ class PolicyModule(L.LightningModule):
                 # diagnostics too, once the logger averages the ranks (sync_dist)
                 scale = global_mean_scale(mb.response_mask.sum())
                 self._step(optimizer, out["loss"] * scale)
-                for key in self._diagnostics:
-                    history.setdefault(f"ppo/{key}", []).append(out[key].detach() * scale)
+                for name in self._diagnostics:
+                    history.setdefault(f"ppo/{name}", []).append(out[name].detach() * scale)
         stats.update({k: torch.stack(v).mean() for k, v in history.items()})
         return stats
 
