@@ -56,4 +56,3 @@ def rank_offset(n: int, device=None) -> tuple[int, int]:
     sizes[dist.get_rank()] = n
     sizes = all_reduce_sum(sizes)
     return int(sizes[: dist.get_rank()].sum()), int(sizes.sum())
-
