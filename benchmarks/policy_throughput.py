@@ -11,7 +11,7 @@ the number of epochs. A random-init policy rarely samples EOS, so responses run 
 (the mean length is reported).
 
 The time of each of our steps is split into phases by wrapping the functions `PolicyModule` calls
-(`sample`, `forward_logprobs`, `entropy_from_logits`, `decode_responses`, the reward and `_update`)
+(`sample`, `forward_logprobs`, `decode_responses`, the reward and `_update`)
 with `time.perf_counter`; the same is done on TRL's trainer methods for comparison.
 
     python benchmarks/policy_throughput.py [--quick] [--runs N] [--prompts P] [--k K] [--tokens T]
@@ -114,13 +114,11 @@ def instrument_ours(module, timer: PhaseTimer):
         name = "reference_logprobs" if model is module.reference else "policy_logprobs"
         return timer.timed(name, forward)(model, *args, **kwargs)
 
-    names = ("sample", "forward_logprobs", "entropy_from_logits", "decode_responses")
+    # (the entropy is left in whichever phase computes it: the rollout, or the fused update)
+    names = ("sample", "forward_logprobs", "decode_responses")
     originals = {name: getattr(policy_module, name) for name in names}
     policy_module.sample = timed_sample
     policy_module.forward_logprobs = timed_forward
-    policy_module.entropy_from_logits = timer.timed(
-        "policy_logprobs", policy_module.entropy_from_logits
-    )
     policy_module.decode_responses = timer.timed("reward", policy_module.decode_responses)
     module._frozen["reward"] = _TimedReward(module._frozen["reward"], timer)
     module._update = timer.timed("update", module._update)
@@ -129,6 +127,8 @@ def instrument_ours(module, timer: PhaseTimer):
 
 
 def _ours_other(s: dict) -> dict:
+    for name in PHASES:  # a phase that did not run this step (e.g. log p_old, fused) took 0 s
+        s.setdefault(name, 0.0)
     s["other"] = s["step"] - s.get("rollout", 0.0) - s.get("update", 0.0)  # loop, logging, β
     s["rollout_other"] = s.pop("rollout", 0.0) - sum(
         s.get(k, 0.0) for k in ("generate", "policy_logprobs", "reference_logprobs", "reward")
