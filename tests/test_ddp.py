@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, train_cli
+from helpers import TINY, compose, train_cli
 
+from rlhf_lightning.config import validate
 from rlhf_lightning.data.batching import LengthGroupedBatchSampler, rank_slice
+from rlhf_lightning.errors import ConfigError
 from rlhf_lightning.losses import masked_whiten, reinforce_advantages
 from rlhf_lightning.modules.rollout import KeyedGumbelSampling, sample_seeds
 
@@ -86,6 +88,21 @@ def test_global_whitening_and_baseline_equal_one_process():
     other = torch.stack([s[5:].sum(), torch.tensor(3.0)])
     part = reinforce_advantages(s[:5], all_reduce=_split_all_reduce(other))
     assert torch.allclose(part, reinforce_advantages(s)[:5], atol=1e-6)
+
+
+@pytest.mark.parametrize("key", ["rm.batch_size", "sft.batch_size", "policy.prompts_per_step"])
+def test_a_batch_smaller_than_the_world_fails_at_start(key, tmp_path):
+    cfg = compose(["trainer=ddp", "trainer.devices=4", f"{key}=3"], tmp_path)
+    with pytest.raises(ConfigError, match=rf"{key}=3 is smaller than the 4 processes"):
+        validate(cfg)
+    validate(compose(["trainer=ddp", "trainer.devices=4", f"{key}=4"], tmp_path))  # enough
+
+
+def test_ddp_inside_a_multirun_is_refused_in_one_line(tmp_path):
+    out = train_cli(["-m", *TINY, "stage=rm", "trainer=ddp", "rm.max_epochs=1,2"], tmp_path)
+    assert out.returncode != 0
+    assert "trainer.devices=2 inside a Hydra multirun" in out.stdout + out.stderr
+    assert not list(tmp_path.rglob("train_ddp_process_1.log"))  # no process was started
 
 
 # ---- end to end: two processes vs one ----------------------------------------------------------
