@@ -18,7 +18,8 @@ from rlhf_lightning.modules.algorithm import Algorithm
 from rlhf_lightning.modules.evaluation import evaluate_policy
 from rlhf_lightning.modules.policy import PolicyModule
 from rlhf_lightning.modules.rollout import GenerationSettings
-from rlhf_lightning.sharding import deepspeed_gradient_clipping, gathered_weights
+from rlhf_lightning.sharding import deepspeed_gradient_clipping
+from rlhf_lightning.stages.common import rank_zero_work
 
 
 def build_policy_module(ctx) -> PolicyModule:
@@ -73,8 +74,8 @@ def run_policy(ctx) -> dict:
     deepspeed_gradient_clipping(trainer.strategy, cfg.max_grad_norm)  # its engine clips
     trainer.fit(module, datamodule=datamodule, ckpt_path=ctx.ckpt_path("policy"))
     result = {"beta": float(module.beta.value)}
-    with gathered_weights(trainer):  # every rank enters (FSDP gathers the whole weights)
-        if trainer.is_global_zero:
+    with rank_zero_work(trainer) as mine:
+        if mine:
             gold = getattr(ctx.data.task, "gold_reward", None)
             with torch.no_grad():
                 prompts = datamodule.prompts["eval"]
@@ -93,5 +94,4 @@ def run_policy(ctx) -> dict:
                 manifest,
             )
             result["artifact"] = str(ctx.artifact("policy", write=True))
-    trainer.strategy.barrier("artifact")  # other ranks read it in the next stage
     return result
