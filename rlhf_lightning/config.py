@@ -7,6 +7,7 @@ module checks values. Each rule names the key, what is wrong and what would be r
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 from omegaconf import DictConfig, OmegaConf
@@ -134,8 +135,6 @@ def _check_processes(cfg: DictConfig) -> None:
                 f"{key}={value} is smaller than the {world} processes (trainer.devices × "
                 f"num_nodes); batch sizes are global, so set {key} >= {world}"
             )
-    import os
-
     from rlhf_lightning.resume import in_multirun
 
     external = any(v in os.environ for v in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"))

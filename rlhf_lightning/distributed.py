@@ -19,9 +19,8 @@ def world_size() -> int:
 
 
 def is_rank_zero() -> bool:
-    """True on the process that writes files (also before the process group exists)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
+    """True on the process that writes files: Lightning's rank, read from the environment before
+    the process group exists and set by the strategy after."""
     from lightning.pytorch.utilities import rank_zero_only
 
     return getattr(rank_zero_only, "rank", 0) == 0

@@ -299,18 +299,16 @@ class PolicyModule(L.LightningModule):
             gen.temperature,
             gen.allowed_token_ids,
         )
+        rollout.logprobs = logprobs.detach()
         with torch.no_grad():
-            rollout.logprobs, rollout.entropy = (
-                logprobs.detach(),
-                response_entropy(logits, mask, gen),
-            )
+            rollout.entropy = response_entropy(logits, mask, gen)
         del logits
         advantages, returns = self.advantages(rollout)
         stats = self._rollout_stats(rollout)
         out = self.minibatch_loss(rollout, advantages, returns, logprobs=logprobs)
         scale = global_mean_scale(mask.sum())
         self._step(self.optimizers(), out["loss"] * scale)
-        stats.update({f"ppo/{k}": out[k].detach() * scale for k in ("clipfrac", "approx_kl")})
+        stats.update({f"ppo/{k}": out[k].detach() * scale for k in self._diagnostics})
         return stats
 
     def _rollout_stats(self, rollout: Rollout) -> dict[str, torch.Tensor]:

@@ -169,22 +169,16 @@ def sample(
         processors.append(AllowedTokensLogitsProcessor(settings.allowed_token_ids))
     if seeds is not None:  # greedy over Gumbel-perturbed logits = sampling, one stream per row
         processors.append(KeyedGumbelSampling(seeds, settings.temperature, device))
-        prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)
-        prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
-        how = dict(do_sample=False, num_return_sequences=1)
+        how = dict(do_sample=False)
     else:
-        how = dict(
-            do_sample=True,
-            temperature=settings.temperature,
-            top_k=0,
-            top_p=1.0,
-            num_return_sequences=group_size,
-        )
+        how = dict(do_sample=True, temperature=settings.temperature, top_k=0, top_p=1.0)
+    prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0).to(device)  # [B, Tp], grouped
+    prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0).to(device)
     was_training = policy.training
     policy.eval()
     out = policy.generate(
-        input_ids=prompt_ids.to(device),
-        attention_mask=prompt_mask.to(device),
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
         max_new_tokens=settings.max_new_tokens,
         min_new_tokens=settings.min_new_tokens,
         logits_processor=processors,
@@ -199,9 +193,6 @@ def sample(
     response_mask = (~after_eos).long()
     response = response.masked_fill(after_eos, pad_id)
     ended = is_eos.any(-1)
-    if seeds is None:
-        prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
-    prompt_mask = prompt_mask.to(device)
     input_ids = torch.cat([out[:, :width], response], dim=1)
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
     full_response_mask = torch.cat([torch.zeros_like(prompt_mask), response_mask], dim=1)
