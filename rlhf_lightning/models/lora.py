@@ -134,11 +134,11 @@ class AdapterDisabledReference:
         return self.forward(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
-        with self._adapter_off():
+        with self.adapter_off():
             return self.policy(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        with self._adapter_off():
+        with self.adapter_off():
             return self.policy.generate(*args, **kwargs)
 
     def eval(self) -> AdapterDisabledReference:
@@ -186,7 +186,7 @@ class AdapterDisabledReference:
         return f"AdapterDisabledReference({type(self.policy.get_base_model()).__name__})"
 
     @contextlib.contextmanager
-    def _adapter_off(self) -> Iterator[None]:
+    def adapter_off(self) -> Iterator[None]:
         modes = [(m, m.training) for m in self.policy.modules()]
         grads = [(p, p.requires_grad) for p in self.policy.parameters()]
         try:

@@ -34,8 +34,10 @@ def sample_and_score(
     """Responses of `model` to `prompts`, with per-sample proxy, gold, KL (k1 and k3) tensors [B].
 
     `seeds` (one per sample, see `rollout.sample_seeds`) key each sample's random draws; without
-    them sampling uses the global RNG."""
+    them sampling uses the global RNG. `module.forward_batch_size`, when set, bounds the
+    sequences per call instead of `batch_size`."""
     gen = module.generation
+    batch_size = getattr(module, "forward_batch_size", None) or batch_size
     out: dict[str, list] = {
         "prompts": [],
         "responses": [],

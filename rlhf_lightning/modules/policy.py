@@ -25,6 +25,8 @@ from rlhf_lightning.distributed import (
 )
 from rlhf_lightning.errors import NumericalError
 from rlhf_lightning.losses import masked_mean, ppo_policy_loss, ppo_value_loss, sequence_kl
+from rlhf_lightning.microbatch import accumulate, chunked, plan, shape_on_failure, trim_columns
+from rlhf_lightning.models.factory import train_without_dropout
 from rlhf_lightning.modules.algorithm import Algorithm
 from rlhf_lightning.modules.rollout import (
     GenerationSettings,
@@ -32,7 +34,6 @@ from rlhf_lightning.modules.rollout import (
     decode_responses,
     forward_logprobs,
     minibatch_rows,
-    response_entropy,
     sample,
     sample_seeds,
 )
@@ -41,7 +42,15 @@ from rlhf_lightning.sharding import clip_grad_norm
 
 class PolicyModule(L.LightningModule):
     """policy: HF causal LM (trained). reference: frozen copy of the SFT model. reward: a
-    `RewardFunction`. exact: for `algo=exact`, an `OracleEvaluator` giving the enumerated J(θ)."""
+    `RewardFunction`. exact: for `algo=exact`, an `OracleEvaluator` giving the enumerated J(θ).
+
+    micro_batch_size / max_tokens_per_micro_batch: sequences (or a token budget) per training
+    forward/backward inside each minibatch (`microbatch.py`; None: the whole minibatch).
+    forward_batch_size: sequences per no-grad pass (generation, log p_old, log p_ref, values, the
+    reward) and per evaluation call (None: the whole rollout). Neither changes the result.
+    """
+
+    stage_name = "policy"
 
     def __init__(
         self,
@@ -59,6 +68,9 @@ class PolicyModule(L.LightningModule):
         max_grad_norm: float | None = 1.0,
         exact=None,
         seed: int = 0,
+        micro_batch_size: int | None = None,
+        forward_batch_size: int | None = None,
+        max_tokens_per_micro_batch: int | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -72,6 +84,8 @@ class PolicyModule(L.LightningModule):
         self.kl_estimator, self.kl_penalty = kl_estimator, kl_penalty
         self.missing_eos_penalty, self.max_grad_norm = missing_eos_penalty, max_grad_norm
         self.exact, self.seed = exact, seed
+        self.micro_batch_size, self.forward_batch_size = micro_batch_size, forward_batch_size
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
 
     @property
     def reference(self) -> nn.Module:
@@ -130,8 +144,9 @@ class PolicyModule(L.LightningModule):
     def fuses_old_logprobs(self) -> bool:
         """One update per rollout and no value head: the update's own forward pass gives log p_old
         (the ratio is exactly 1 there), so the rollout skips its separate no-grad forward."""
-        algo = self.algorithm
-        return algo.epochs == 1 and algo.minibatches == 1 and self.value_head is None
+        algo, whole = self.algorithm, self.micro_batch_size is None
+        one_pass = whole and self.max_tokens_per_micro_batch is None
+        return algo.epochs == 1 and algo.minibatches == 1 and self.value_head is None and one_pass
 
     @torch.no_grad()
     def rollout(
@@ -143,35 +158,53 @@ class PolicyModule(L.LightningModule):
         seeded by (seed, rollout number, key, j): a sample is the same whichever rank draws it.
         `old_logprobs=False` leaves `logprobs` and `entropy` to the update (`_fused_update`).
         """
-        k, gen = self.algorithm.group_size, self.generation
+        k, gen, size = self.algorithm.group_size, self.generation, self.forward_batch_size
         seeds = None
         if keys is not None:
             seeds = sample_seeds(self.seed, self._rollouts_done(), keys, k)
         ids, attn, resp_mask, ended, width = sample(
-            self.policy, self.tokenizer, prompts, k, gen, seeds
+            self.policy, self.tokenizer, prompts, k, gen, seeds, batch_size=size
         )
-        logprobs = entropy = hidden = None
-        if old_logprobs:
-            logprobs, logits, hidden = forward_logprobs(
+        rows = len(ids)
+
+        def policy_pass(r):  # log p_old, its entropy and V(s) of rows r
+            out = forward_logprobs(
                 self.policy,
-                ids,
-                attn,
-                resp_mask,
+                *(ids[r], attn[r], resp_mask[r]),
                 gen.temperature,
                 gen.allowed_token_ids,
+                entropy=True,
                 hidden=self.value_head is not None,
             )
-            entropy = response_entropy(logits, resp_mask, gen)
-            del logits
-        ref_logprobs, _, _ = forward_logprobs(
-            self.reference, ids, attn, resp_mask, gen.temperature, gen.allowed_token_ids
-        )
-        prompts_k = [p for p in prompts for _ in range(k)]
-        responses = decode_responses(self.tokenizer, ids, resp_mask)
-        scores = self.reward(prompts_k, responses).to(self.device).float()
+            values = self._values(out.hidden) if out.hidden is not None else None
+            return out.logprobs, out.entropy, values
+
+        def reference_pass(r):
+            return forward_logprobs(
+                self.reference,
+                ids[r],
+                attn[r],
+                resp_mask[r],
+                gen.temperature,
+                gen.allowed_token_ids,
+            ).logprobs
+
+        with shape_on_failure(self, {"input_ids": ids[:size]}):
+            logprobs = entropy = values = None
+            if old_logprobs:
+                logprobs, entropy, values = chunked(policy_pass, rows, size)
+            ref_logprobs = chunked(reference_pass, rows, size)
+            prompts_k = [p for p in prompts for _ in range(k)]
+            responses = decode_responses(self.tokenizer, ids, resp_mask)
+            scores = chunked(
+                lambda r: self.reward(
+                    [prompts_k[i] for i in r.tolist()], [responses[i] for i in r.tolist()]
+                ).float(),
+                rows,
+                size,
+            ).to(self.device)
         if self.missing_eos_penalty is not None:
             scores = scores - self.missing_eos_penalty * (~ended).float()
-        values = self._values(hidden) if hidden is not None else None
         return Rollout(
             prompts=prompts_k,
             responses=responses,
@@ -239,7 +272,8 @@ class PolicyModule(L.LightningModule):
         return out
 
     def _update(self, rollout: Rollout) -> dict[str, torch.Tensor]:
-        """`epochs` passes over `minibatches` of the rollout, one optimiser step per minibatch."""
+        """`epochs` passes over `minibatches` of the rollout, one optimiser step per minibatch,
+        each minibatch through the network in micro-batches (`microbatch.accumulate`)."""
         if rollout.logprobs is None:
             return self._fused_update(rollout)
         advantages, returns = self.advantages(rollout)
@@ -247,29 +281,49 @@ class PolicyModule(L.LightningModule):
         optimizer = self.optimizers()
         history: dict[str, list[torch.Tensor]] = {}
         mask, rollout_number = rollout.response_mask, self._rollouts_done()
+        train_without_dropout(self.policy)
         for epoch in range(self.algorithm.epochs):
             stream = (self.seed, rollout_number, epoch)  # keys this epoch's shuffle
             rows = minibatch_rows(
                 len(rollout.prompts), self.algorithm.minibatches, stream, mask.device
             )
-            for idx in rows:
-                if len(idx) == 0:  # no row of this minibatch on this rank: join the ranks'
-                    global_mean_scale(mask.new_zeros(()))  # collectives with a zero gradient
-                    self._step(optimizer, self._zero_loss())
-                    for name in self._diagnostics:
-                        history.setdefault(f"ppo/{name}", []).append(mask.new_zeros(()))
-                    continue
-                mb = rollout.select(idx)
-                out = self.minibatch_loss(
-                    mb, advantages[idx], None if returns is None else returns[idx]
+            for idx in rows:  # a rank with no row of a minibatch joins with zero gradients
+                parts = self._micro_batches(rollout, advantages, returns, idx)
+                out = self._optimise(
+                    optimizer,
+                    parts,
+                    lambda part: self.minibatch_loss(*part),
+                    lambda part: part[0].response_mask.sum(),
                 )
-                # a token mean over the global minibatch, however many processes (distributed.py);
-                # diagnostics too, once the logger averages the ranks (sync_dist)
-                scale = global_mean_scale(mb.response_mask.sum())
-                self._step(optimizer, out["loss"] * scale)
                 for name in self._diagnostics:
-                    history.setdefault(f"ppo/{name}", []).append(out[name].detach() * scale)
+                    history.setdefault(f"ppo/{name}", []).append(out.get(name, mask.new_zeros(())))
         stats.update({k: torch.stack(v).mean() for k, v in history.items()})
+        return stats
+
+    def _micro_batches(self, rollout, advantages, returns, idx) -> list[tuple]:
+        """(rollout rows, advantages, returns) of each micro-batch of minibatch rows `idx`,
+        with the columns that are padding in every row of it trimmed off."""
+        lengths = rollout.attention_mask[idx].sum(-1).tolist()
+        parts = []
+        for local in plan(
+            len(idx), self.micro_batch_size, lengths, self.max_tokens_per_micro_batch
+        ):
+            rows = idx[local.to(idx.device)]
+            sub = rollout.select(rows)
+            cols = trim_columns(sub.attention_mask)
+            ret = None if returns is None else returns[rows][:, cols]
+            parts.append((sub.columns(cols), advantages[rows][:, cols], ret))
+        return parts
+
+    def _optimise(self, optimizer, parts, loss_of, count_of) -> dict[str, torch.Tensor]:
+        """One optimiser step on the global-mean loss over micro-batches `parts`."""
+        optimizer.zero_grad()
+        stats = accumulate(
+            self, parts, loss_of, count_of, fix="lower the learning rate, or raise beta"
+        )
+        if self.max_grad_norm:  # by the global norm, also when FSDP shards the gradients
+            clip_grad_norm(self, optimizer, self.max_grad_norm)
+        optimizer.step()
         return stats
 
     def _rollouts_done(self) -> int:
@@ -281,9 +335,6 @@ class PolicyModule(L.LightningModule):
         """The per-minibatch diagnostics `minibatch_loss` returns (logged as ppo/*)."""
         return ("clipfrac", "approx_kl") + (("value_loss",) if self.value_head is not None else ())
 
-    def _zero_loss(self) -> torch.Tensor:
-        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
-
     def _fused_update(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         """One update whose forward pass also gives log p_old = log p_θ (detached) and the entropy.
 
@@ -291,18 +342,18 @@ class PolicyModule(L.LightningModule):
         inputs, eval mode), one forward pass fewer per rollout.
         """
         gen, mask = self.generation, rollout.response_mask
-        logprobs, logits, _ = forward_logprobs(
-            self.policy,
-            rollout.input_ids,
-            rollout.attention_mask,
-            mask,
-            gen.temperature,
-            gen.allowed_token_ids,
-        )
-        rollout.logprobs = logprobs.detach()
-        with torch.no_grad():
-            rollout.entropy = response_entropy(logits, mask, gen)
-        del logits
+        train_without_dropout(self.policy)
+        with shape_on_failure(self, {"input_ids": rollout.input_ids}):
+            logprobs, entropy, _ = forward_logprobs(
+                self.policy,
+                rollout.input_ids,
+                rollout.attention_mask,
+                mask,
+                gen.temperature,
+                gen.allowed_token_ids,
+                entropy=True,
+            )
+        rollout.logprobs, rollout.entropy = logprobs.detach(), entropy
         advantages, returns = self.advantages(rollout)
         stats = self._rollout_stats(rollout)
         out = self.minibatch_loss(rollout, advantages, returns, logprobs=logprobs)

@@ -5,25 +5,25 @@
 (Bradley & Terry 1952; Ouyang et al. 2022 eq. 1; margin m as in Llama 2; centering c as in
 Eisenstein et al. 2023.) Preference accuracy — how often r⁺ > r⁻ on held-out pairs — is the
 headline metric. The mean/std of validation rewards are kept so the policy stage can normalise.
+A unit of micro-batching is a pair (both sides travel together); scores are float32
+(`reward_scores`), also under bf16.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import lightning as L
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
-from rlhf_lightning.distributed import global_mean_scale
-from rlhf_lightning.errors import NumericalError
 from rlhf_lightning.losses.bradley_terry import bradley_terry_loss
-from rlhf_lightning.modules.optim import optimizers_with_schedule
+from rlhf_lightning.models.reward_scores import reward_scores
+from rlhf_lightning.modules.supervised import MicroBatchedModule, trimmed
 
 
-class RewardModelModule(L.LightningModule):
+class RewardModelModule(MicroBatchedModule):
     """Bradley–Terry training of a scalar-head sequence classifier.
 
     reward_model: an HF `...ForSequenceClassification` with `num_labels=1` (passed in, not saved
@@ -31,7 +31,12 @@ class RewardModelModule(L.LightningModule):
         taking (optimizer, num_training_steps=...), stepped every optimisation step.
     use_margin: subtract the pair's `margin` column inside the sigmoid. centering: coefficient c.
     bayes_accuracy: the task's ceiling on validation pairs, logged beside the accuracy when known.
+    micro_batch_size (pairs) / max_tokens_per_micro_batch / max_grad_norm: `MicroBatchedModule`.
     """
+
+    stage_name = "rm"
+    loss_name = "Bradley–Terry"
+    numerical_fix = "lower rm.module.optimizer.lr, check the data's margins"
 
     def __init__(
         self,
@@ -41,47 +46,37 @@ class RewardModelModule(L.LightningModule):
         use_margin: bool = True,
         centering: float = 0.0,
         bayes_accuracy: float | None = None,
+        micro_batch_size: int | None = None,
+        max_tokens_per_micro_batch: int | None = None,
+        max_grad_norm: float | None = None,
     ):
-        super().__init__()
+        super().__init__(
+            optimizer, scheduler, micro_batch_size, max_tokens_per_micro_batch, max_grad_norm
+        )
         self.save_hyperparameters(ignore=["reward_model", "optimizer", "scheduler"])
         self.reward_model = reward_model
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.val_accuracy = BinaryAccuracy()
         self.val_loss, self.val_margin = MeanMetric(), MeanMetric()
         self.val_chosen, self.val_rejected = MeanMetric(), MeanMetric()
         self.val_reward, self.val_reward_sq = MeanMetric(), MeanMetric()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Scores [N] of N sequences (read by the model at each row's last non-pad token)."""
-        return self.reward_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        chosen, rejected = self._score_pairs(batch)
-        loss = self._loss(chosen, rejected, batch["margin"])
-        if not torch.isfinite(loss):  # before backward: the last checkpoint stays a good one
-            raise NumericalError(
-                f"train/loss (Bradley–Terry) is {loss.item()} at step {self.global_step}; the last "
-                "good checkpoint is kept (lower rm.module.optimizer.lr, check the data's margins)"
-            )
-        n = chosen.numel()
-        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
-        accuracy = (chosen > rejected).float().mean()
-        self.log("train/accuracy", accuracy, batch_size=n, sync_dist=True)
-        return loss * global_mean_scale(torch.tensor(n, device=loss.device))  # see distributed.py
+        """Scores [N] float32 of N sequences (read at each row's last real token)."""
+        return reward_scores(self.reward_model, input_ids, attention_mask)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        chosen, rejected = self._score_pairs(batch)
-        loss = self._loss(chosen, rejected, batch["margin"])
-        self.val_loss.update(loss, weight=chosen.numel())
-        self.val_accuracy.update(
-            torch.sigmoid(chosen - rejected), torch.ones_like(chosen, dtype=torch.long)
-        )
-        self.val_margin.update(chosen - rejected)
-        self.val_chosen.update(chosen)
-        self.val_rejected.update(rejected)
-        both = torch.cat([chosen, rejected])
-        self.val_reward.update(both)
-        self.val_reward_sq.update(both**2)
+        for part, out in self.validation_parts(batch):
+            chosen, rejected = out["chosen"], out["rejected"]
+            self.val_loss.update(out["loss"], weight=chosen.numel())
+            self.val_accuracy.update(
+                torch.sigmoid(chosen - rejected), torch.ones_like(chosen, dtype=torch.long)
+            )
+            self.val_margin.update(chosen - rejected)
+            self.val_chosen.update(chosen)
+            self.val_rejected.update(rejected)
+            both = torch.cat([chosen, rejected])
+            self.val_reward.update(both)
+            self.val_reward_sq.update(both**2)
 
     def on_validation_epoch_end(self) -> None:
         metrics = {
@@ -107,13 +102,35 @@ class RewardModelModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.reward_model.train()  # `from_pretrained` gives eval mode; dropout belongs to training
 
-    def configure_optimizers(self):
-        return optimizers_with_schedule(
-            self.reward_model.parameters(),
-            self.optimizer_factory,
-            self.scheduler_factory,
-            int(self.trainer.estimated_stepping_batches),
-        )
+    # --- MicroBatchedModule: a unit is a pair (chosen row i, rejected row B + i) -------------
+    def units(self, batch: dict) -> int:
+        return batch["margin"].shape[0]
+
+    def unit_lengths(self, batch: dict) -> list[int]:
+        chosen, rejected = batch["attention_mask"].sum(-1).chunk(2)
+        return torch.maximum(chosen, rejected).tolist()
+
+    def select(self, batch: dict, idx: torch.Tensor) -> dict:
+        rows = torch.cat([idx, idx + self.units(batch)])  # chosen rows, then their rejected rows
+        return {
+            **trimmed(batch, rows, ("input_ids", "attention_mask")),
+            "margin": batch["margin"][idx],
+        }
+
+    def micro_loss(self, part: dict) -> dict[str, torch.Tensor]:
+        chosen, rejected = self._score_pairs(part)
+        return {
+            "loss": self._loss(chosen, rejected, part["margin"]),
+            "accuracy": (chosen > rejected).float().mean().detach(),
+            "chosen": chosen.detach(),
+            "rejected": rejected.detach(),
+        }
+
+    def loss_count(self, part: dict) -> int:
+        return part["margin"].shape[0]
+
+    def trained_parameters(self):
+        return self.reward_model.parameters()
 
     def _score_pairs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         rewards = self(batch["input_ids"], batch["attention_mask"])  # [2B]: chosen then rejected

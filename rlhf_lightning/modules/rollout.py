@@ -14,12 +14,12 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from rlhf_lightning.data.encoding import encode_prompts
+from rlhf_lightning.data.encoding import encode_prompts, stop_token_ids
 from rlhf_lightning.distributed import rank_offset
 from rlhf_lightning.models.logprobs import (
     AllowedTokensLogitsProcessor,
-    aligned_logprobs,
-    entropy_from_logits,
+    ResponseScores,
+    response_logprobs,
 )
 
 MINIBATCH_STREAM = 2**33  # the key of minibatch shuffles, apart from every prompt index
@@ -56,6 +56,17 @@ class Rollout:
     values: Tensor | None = None  # [B, T] value estimates (PPO)
     prompt_width: int = 0  # Tp: response tokens start at column Tp
 
+    def columns(self, cols: slice) -> Rollout:
+        """Columns `cols` of every [B, T] tensor (e.g. padding trimmed off a micro-batch)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = (
+                value[:, cols] if isinstance(value, Tensor) and value.dim() == 2 else value
+            )
+        out["prompt_width"] = max(0, self.prompt_width - (cols.start or 0))
+        return Rollout(**out)
+
     def select(self, idx: Tensor) -> Rollout:
         """The rows `idx` (a minibatch)."""
         out = {}
@@ -82,22 +93,26 @@ def forward_logprobs(
     response_mask,
     temperature=1.0,
     allowed_token_ids=None,
+    entropy: bool = False,
     hidden: bool = False,
-):
-    """Per-token log p of the response tokens [B, T] (0 elsewhere), the logits, and hidden states.
+) -> ResponseScores:
+    """Per-token log p of the response tokens [B, T] (0 elsewhere), their entropies and the
+    backbone's hidden states, with logits at response positions only (`response_logprobs`).
 
-    `logprobs[:, t]` is log p(input_ids[:, t] | input_ids[:, :t]) from `logits[:, t-1]`.
+    `logprobs[:, t]` is log p(input_ids[:, t] | input_ids[:, :t]); positions are counted over
+    real tokens (`position_ids`), as `generate` counts them.
     """
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
+    return response_logprobs(
+        model,
+        input_ids,
+        attention_mask,
+        response_mask,
+        temperature,
+        allowed_token_ids,
         position_ids=position_ids(attention_mask),
-        output_hidden_states=hidden,
+        entropy=entropy,
+        hidden=hidden,
     )
-    logprobs = aligned_logprobs(
-        out.logits, input_ids, response_mask, temperature, allowed_token_ids
-    )
-    return logprobs, out.logits, (out.hidden_states[-1] if hidden else None)
 
 
 def stream_seed(*key: int) -> int:
@@ -117,23 +132,56 @@ def sample_seeds(seed: int, rollout: int, keys: Tensor | list[int], group_size: 
     return [stream_seed(seed, rollout, key, j) for key in keys for j in range(group_size)]
 
 
+MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """(x · c) mod 2³² for x < 2³², in int64 without overflow (the high half of c is split off)."""
+    low, high = c & 0xFFFF, c >> 16
+    return (x * low + (((x * high) & 0xFFFF) << 16)) & MASK32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash with good avalanche (Wellons' "lowbias32"), elementwise on int64."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def keyed_uniform(seeds: Tensor, step: int, vocab: int) -> Tensor:
+    """Uniforms u ∈ (0, 1), [B, V] float32: a counter-based hash of (seed_b, step, token v).
+
+    One vectorised draw for every row and token: u[b, v] depends on seeds[b] (int64 [B]), `step`
+    and v only, never on the batch around row b — the guarantee keyed sampling rests on. 23 bits
+    per uniform, (k + ½)·2⁻²³, so −log(−log u) is always finite.
+    """
+    lo, hi = (seeds & MASK32)[:, None], ((seeds >> 32) & MASK32)[:, None]  # [B, 1]
+    row = _mix32(hi ^ _mix32(lo ^ _mix32(torch.full_like(lo, step & MASK32))))
+    token = torch.arange(vocab, device=seeds.device, dtype=torch.int64)[None]  # [1, V]
+    h = _mix32(_mix32(token ^ row) ^ lo)  # [B, V]
+    return ((h >> 9).float() + 0.5) * 2.0**-23
+
+
 class KeyedGumbelSampling:
     """A logits processor that turns greedy decoding into sampling with a random stream per row.
 
     argmax_v (s_v / T + g_v), g_v ~ Gumbel(0, 1) i.i.d., is a draw from softmax(s / T) (the
-    Gumbel-max trick). Row b's noise comes from its own generator seeded with `seeds[b]`, and every
-    row draws once per decoding step, so what a row samples depends on its seed and its own tokens
-    only. Costs one `torch.rand(V)` per row and step.
+    Gumbel-max trick). Row b's noise at decoding step t is `keyed_uniform(seeds, t, V)[b]`, a hash
+    of (seeds[b], t, v): what a row samples depends on its seed and its own tokens only, and the
+    noise of all rows is one vectorised computation per step (no per-row generator).
     """
 
     def __init__(self, seeds: list[int], temperature: float, device: torch.device):
         self.temperature = temperature
-        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
+        self.step = 0
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        vocab, device = scores.shape[-1], scores.device
-        u = torch.stack([torch.rand(vocab, generator=g, device=device) for g in self.generators])
-        gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))  # [B, V]
+        u = keyed_uniform(self.seeds, self.step, scores.shape[-1])  # [B, V]
+        self.step += 1
+        gumbel = -torch.log(-torch.log(u))
         return scores.float() / self.temperature + gumbel
 
 
@@ -145,6 +193,7 @@ def sample(
     group_size: int,
     settings: GenerationSettings,
     seeds: list[int] | None = None,
+    batch_size: int | None = None,
 ):
     """Draw `group_size` responses per prompt with KV-cached batched generation.
 
@@ -152,6 +201,8 @@ def sample(
     B = len(prompts)·group_size, Tp is the (left-padded) prompt width, and response tokens after
     the first EOS are masked and padded. With `seeds` ([B], see `sample_seeds`) each sample draws
     from its own random stream (`KeyedGumbelSampling`); without, from the global RNG.
+    `batch_size`: sequences per `generate` call (None: all at once); every chunk is laid out at
+    the same prompt width, so keyed samples do not depend on it.
     """
     if seeds is not None and len(seeds) != len(prompts) * group_size:
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts × {group_size} samples")
@@ -164,55 +215,68 @@ def sample(
     for i, ids in enumerate(encoded):  # left padding
         prompt_ids[i, width - len(ids) :] = torch.tensor(ids)
         prompt_mask[i, width - len(ids) :] = 1
-    processors = []
-    if settings.allowed_token_ids is not None:
-        processors.append(AllowedTokensLogitsProcessor(settings.allowed_token_ids))
-    if seeds is not None:  # greedy over Gumbel-perturbed logits = sampling, one stream per row
-        processors.append(KeyedGumbelSampling(seeds, settings.temperature, device))
-        how = dict(do_sample=False)
-    else:
-        how = dict(do_sample=True, temperature=settings.temperature, top_k=0, top_p=1.0)
     prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0).to(device)  # [B, Tp], grouped
     prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0).to(device)
     was_training = policy.training
     policy.eval()
-    out = policy.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        max_new_tokens=settings.max_new_tokens,
-        min_new_tokens=settings.min_new_tokens,
-        logits_processor=processors,
-        pad_token_id=pad_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **how,
-    )
+    pieces = []
+    for rows in torch.arange(len(prompt_ids)).split(batch_size or len(prompt_ids)):
+        chunk_seeds = None if seeds is None else [seeds[i] for i in rows.tolist()]
+        out = _generate(
+            policy, tokenizer, prompt_ids[rows], prompt_mask[rows], settings, chunk_seeds
+        )
+        pieces.append(out[:, width:])  # [b, Tr_chunk]
     policy.train(was_training)
-    response = out[:, width:]  # [B, Tr]
-    is_eos = response == tokenizer.eos_token_id
+    longest = max(p.shape[1] for p in pieces)
+    response = torch.cat(
+        [torch.nn.functional.pad(p, (0, longest - p.shape[1]), value=pad_id) for p in pieces]
+    )  # [B, Tr]
+    stops = stop_token_ids(tokenizer, getattr(policy, "generation_config", None))
+    is_eos = torch.isin(response, torch.tensor(stops, device=response.device))  # any stop id
     after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
     response_mask = (~after_eos).long()
     response = response.masked_fill(after_eos, pad_id)
     ended = is_eos.any(-1)
-    input_ids = torch.cat([out[:, :width], response], dim=1)
+    input_ids = torch.cat([prompt_ids, response], dim=1)
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
     full_response_mask = torch.cat([torch.zeros_like(prompt_mask), response_mask], dim=1)
     return input_ids, attention_mask, full_response_mask, ended, width
 
 
+def _generate(policy, tokenizer, prompt_ids, prompt_mask, settings, seeds):
+    """One `generate` call: [b, Tp] left-padded prompts -> [b, Tp + Tr] (keyed when seeds)."""
+    processors = []
+    if settings.allowed_token_ids is not None:
+        processors.append(AllowedTokensLogitsProcessor(settings.allowed_token_ids))
+    if seeds is not None:  # greedy over Gumbel-perturbed logits = sampling, one stream per row
+        processors.append(KeyedGumbelSampling(seeds, settings.temperature, prompt_ids.device))
+        how = dict(do_sample=False)
+    else:
+        how = dict(do_sample=True, temperature=settings.temperature, top_k=0, top_p=1.0)
+    return policy.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        max_new_tokens=settings.max_new_tokens,
+        min_new_tokens=settings.min_new_tokens,
+        logits_processor=processors,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=stop_token_ids(tokenizer, getattr(policy, "generation_config", None)),
+        **how,
+    )
+
+
 def decode_responses(tokenizer, input_ids: Tensor, response_mask: Tensor) -> list[str]:
-    """Response text of each row (EOS and padding dropped)."""
+    """Response text of each row, padding and special tokens dropped, that `encode_response`
+    turns back into the sampled ending: a final EOS is dropped (encoding appends it again), a
+    final end of turn that is not EOS (`<|im_end|>` under an `<|endoftext|>` EOS) is kept as text."""
+    stops, eos = set(stop_token_ids(tokenizer)), tokenizer.eos_token_id
     texts = []
     for ids, mask in zip(input_ids, response_mask, strict=True):
         tokens = ids[mask.bool()].tolist()
-        texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
+        end = tokens[-1:] if tokens and tokens[-1] in stops and tokens[-1] != eos else []
+        text = tokenizer.decode(tokens[: len(tokens) - len(end)], skip_special_tokens=True)
+        texts.append(text + tokenizer.decode(end) if end else text)
     return texts
-
-
-def response_entropy(logits: Tensor, mask: Tensor, settings: GenerationSettings) -> Tensor:
-    """Entropy [B, T] (nats) of the sampling distribution at each response token, from logits
-    [B, T, V] aligned like `aligned_logprobs` (position t from logits t−1); 0 off the response."""
-    h = entropy_from_logits(logits[:, :-1], settings.temperature, settings.allowed_token_ids)
-    return torch.cat([torch.zeros_like(h[:, :1]), h], 1) * mask
 
 
 def minibatch_rows(n: int, minibatches: int, key: tuple[int, ...], device=None) -> list[Tensor]:

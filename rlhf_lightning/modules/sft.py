@@ -2,56 +2,60 @@
 
     L(θ) = − Σ_t m_t log p_θ(y_t | u, y_<t) / Σ_t m_t,   m = response mask
 
-The result is the reference policy p_ref of the policy stage and the initial p_θ.
+a token mean over the global batch, whatever the micro-batch size (`MicroBatchedModule`). Logits
+are computed at response positions only (`response_logprobs`). The result is the reference
+policy p_ref of the policy stage and the initial p_θ.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import lightning as L
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from rlhf_lightning.distributed import global_mean_scale
-from rlhf_lightning.errors import NumericalError
 from rlhf_lightning.losses.masked import masked_mean
-from rlhf_lightning.models.logprobs import sequence_logprobs
-from rlhf_lightning.modules.optim import optimizers_with_schedule
+from rlhf_lightning.models.logprobs import response_logprobs
+from rlhf_lightning.modules.supervised import MicroBatchedModule, trimmed
+
+KEYS = ("input_ids", "attention_mask", "response_mask")
 
 
-class SFTModule(L.LightningModule):
-    """policy: an HF causal LM (passed in). optimizer/scheduler: partials, as in the RM module."""
+class SFTModule(MicroBatchedModule):
+    """policy: an HF causal LM (passed in). optimizer/scheduler: partials; micro-batching and
+    clipping as in `MicroBatchedModule` (a unit is one demonstration, the loss a token mean)."""
 
-    def __init__(self, policy: nn.Module, optimizer: Callable, scheduler: Callable | None = None):
-        super().__init__()
+    stage_name = "sft"
+    loss_name = "SFT negative log-likelihood"
+    numerical_fix = "lower sft.module.optimizer.lr"
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        micro_batch_size: int | None = None,
+        max_tokens_per_micro_batch: int | None = None,
+        max_grad_norm: float | None = None,
+    ):
+        super().__init__(
+            optimizer, scheduler, micro_batch_size, max_tokens_per_micro_batch, max_grad_norm
+        )
         self.save_hyperparameters(ignore=["policy", "optimizer", "scheduler"])
         self.policy = policy
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.val_loss = MeanMetric()
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Mean negative log-likelihood of the response tokens of `batch`."""
-        logprobs, _ = sequence_logprobs(
+        logprobs = response_logprobs(
             self.policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"]
-        )
+        ).logprobs
         return -masked_mean(logprobs, batch["response_mask"])
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self(batch)
-        if not torch.isfinite(loss):  # before backward: the last checkpoint stays a good one
-            raise NumericalError(
-                f"train/loss (SFT negative log-likelihood) is {loss.item()} at step "
-                f"{self.global_step}; the last good checkpoint is kept (lower "
-                "sft.module.optimizer.lr)"
-            )
-        n = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
-        return loss * global_mean_scale(batch["response_mask"].sum())  # see distributed.py
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.val_loss.update(self(batch), weight=batch["response_mask"].sum())
+        for part, out in self.validation_parts(batch):
+            self.val_loss.update(out["loss"], weight=self.loss_count(part))
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
@@ -62,10 +66,21 @@ class SFTModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.policy.train()  # `from_pretrained` returns eval mode; dropout belongs to training
 
-    def configure_optimizers(self):
-        return optimizers_with_schedule(
-            self.policy.parameters(),
-            self.optimizer_factory,
-            self.scheduler_factory,
-            int(self.trainer.estimated_stepping_batches),
-        )
+    # --- MicroBatchedModule: a unit is one demonstration; the loss a token mean -------------
+    def units(self, batch: dict) -> int:
+        return batch["input_ids"].shape[0]
+
+    def unit_lengths(self, batch: dict) -> list[int]:
+        return batch["attention_mask"].sum(-1).tolist()
+
+    def select(self, batch: dict, idx: torch.Tensor) -> dict:
+        return trimmed(batch, idx, KEYS)
+
+    def micro_loss(self, part: dict) -> dict[str, torch.Tensor]:
+        return {"loss": self(part)}
+
+    def loss_count(self, part: dict) -> torch.Tensor:
+        return part["response_mask"].sum()
+
+    def trained_parameters(self):
+        return self.policy.parameters()

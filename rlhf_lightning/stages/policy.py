@@ -29,6 +29,7 @@ def build_policy_module(ctx) -> PolicyModule:
     tokenizer = ctx.tokenizer
     # with model.lora the reference is the policy with its adapter disabled: one copy of the weights
     policy, reference = ctx.model_spec.policy_and_reference(tokenizer, path=sft_path)
+    policy = ctx.model_spec.trainable(policy)
     reward = instantiate(cfg.reward).setup(ctx)
     task = ctx.data.task
     generation = GenerationSettings(**OmegaConf.to_container(cfg.policy.generation))
@@ -56,6 +57,9 @@ def build_policy_module(ctx) -> PolicyModule:
         max_grad_norm=cfg.policy.max_grad_norm,
         exact=exact,
         seed=cfg.seed,
+        micro_batch_size=cfg.policy.micro_batch_size,
+        forward_batch_size=cfg.policy.forward_batch_size,
+        max_tokens_per_micro_batch=cfg.policy.max_tokens_per_micro_batch,
     )
     module.identity = {
         "sft_sha256": content_hash(sft_path),

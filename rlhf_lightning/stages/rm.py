@@ -19,7 +19,7 @@ def run_rm(ctx) -> dict:
         max_length=cfg.max_length,
         seed=ctx.cfg.seed,
     )
-    reward_model = ctx.model_spec.reward_model(ctx.tokenizer)
+    reward_model = ctx.model_spec.trainable(ctx.model_spec.reward_model(ctx.tokenizer))
     module = instantiate(
         cfg.module, reward_model=reward_model, bayes_accuracy=ctx.data.bayes_accuracy("val")
     )

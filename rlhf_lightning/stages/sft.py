@@ -21,7 +21,7 @@ def run_sft(ctx) -> dict:
         max_length=cfg.max_length,
         seed=ctx.cfg.seed,
     )
-    policy = ctx.model_spec.causal_lm(ctx.tokenizer)
+    policy = ctx.model_spec.trainable(ctx.model_spec.causal_lm(ctx.tokenizer))
     module = instantiate(cfg.module, policy=policy)
     trainer = ctx.trainer("sft", max_epochs=cfg.max_epochs)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ctx.ckpt_path("sft"))
