@@ -161,11 +161,10 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 def _shape(part) -> str:
-    tensor = None
-    if isinstance(part, dict):
-        tensor = part.get("input_ids")
-    else:
-        tensor = getattr(part, "input_ids", None)
+    """"N sequences × T tokens" of a micro-batch (a dict batch, a Rollout or a tuple led by one)."""
+    if isinstance(part, tuple):
+        part = part[0]
+    tensor = part.get("input_ids") if isinstance(part, dict) else getattr(part, "input_ids", None)
     if tensor is None:
         return "?"
     return f"{tensor.shape[0]} sequences × {tensor.shape[1]} tokens"

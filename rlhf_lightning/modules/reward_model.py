@@ -65,7 +65,7 @@ class RewardModelModule(MicroBatchedModule):
         return reward_scores(self.reward_model, input_ids, attention_mask)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        for part, out in self.validation_parts(batch):
+        for _, out in self.validation_parts(batch):
             chosen, rejected = out["chosen"], out["rejected"]
             self.val_loss.update(out["loss"], weight=chosen.numel())
             self.val_accuracy.update(
