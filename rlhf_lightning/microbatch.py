@@ -161,7 +161,9 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 def _shape(part) -> str:
-    """"N sequences × T tokens" of a micro-batch (a dict batch, a Rollout or a tuple led by one)."""
+    """ "N sequences × T tokens" of a micro-batch (a dict batch, a Rollout or a tuple led by one)."""
+    if isinstance(part, str):  # already said
+        return part
     if isinstance(part, tuple):
         part = part[0]
     tensor = part.get("input_ids") if isinstance(part, dict) else getattr(part, "input_ids", None)

@@ -149,9 +149,10 @@ def base(tmp_path_factory):
 
 @pytest.mark.slow
 def test_rm_stage_two_processes_equal_one(base):
+    """2 processes, each in micro-batches of 3 pairs, give the weights of one full-batch process."""
     other = base / "artifacts_ddp"
     args = [*BASE, "stage=rm", f"paths.artifacts_dir={other}", f"hydra.run.dir={base}/rm2"]
-    out = _ok(train_cli([*args, *DDP], base))
+    out = _ok(train_cli([*args, *DDP, "rm.micro_batch_size=3"], base))  # and micro-batches
     assert (base / "rm2" / "train_ddp_process_1.log").exists()  # a second process did run
     assert "[rm] accuracy=" in out.stdout  # rank zero reports once
     assert out.stdout.count("== rlhf-lightning summary ==") == 1
@@ -167,9 +168,11 @@ def test_rm_stage_two_processes_equal_one(base):
         assert max(abs(a - b) for a, b in zip(one[key], two[key])) < TOL, key
 
 
-def _policy_pair(base: Path, name: str, extra: list[str]) -> tuple[dict, dict, Path, Path]:
+def _policy_pair(
+    base: Path, name: str, extra: list[str], ddp_extra: tuple[str, ...] = ()
+) -> tuple[dict, dict, Path, Path]:
     weights = []
-    for tag, launch in (("1", []), ("2", DDP)):
+    for tag, launch in (("1", []), ("2", [*DDP, *ddp_extra])):
         run = base / f"{name}{tag}"
         _ok(train_cli([*BASE, "stage=policy", f"hydra.run.dir={run}", *extra, *launch], base))
         weights.append(_weights(base / "artifacts" / "reviews" / "policy"))
@@ -197,9 +200,12 @@ def test_policy_stage_two_processes_equal_one(base):
 @pytest.mark.slow
 def test_ppo_two_processes_equal_one(base):
     """Value head, GAE, whitening over the global batch, and the shipped 2 epochs × 2 minibatches:
-    every rank cuts the global batch's permutation as one process does and keeps its own rows."""
+    every rank cuts the global batch's permutation as one process does and keeps its own rows —
+    here also in micro-batches of 3 sequences (ranks with fewer join with zero-gradient passes)
+    and no-grad passes of 5."""
     extra = ["algo=ppo", "policy.steps=3"]
-    one_w, two_w, one, two = _policy_pair(base, "ppo", extra)
+    micro = ("policy.micro_batch_size=3", "policy.forward_batch_size=5")
+    one_w, two_w, one, two = _policy_pair(base, "ppo", extra, micro)
     assert _max_diff(one_w, two_w) < TOL
     m1, m2 = _metrics(one, "policy"), _metrics(two, "policy")
     for key in ("train/kl", "train/reward", "ppo/value_loss", "ppo/clipfrac"):

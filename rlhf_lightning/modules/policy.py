@@ -162,9 +162,11 @@ class PolicyModule(L.LightningModule):
         seeds = None
         if keys is not None:
             seeds = sample_seeds(self.seed, self._rollouts_done(), keys, k)
-        ids, attn, resp_mask, ended, width = sample(
-            self.policy, self.tokenizer, prompts, k, gen, seeds, batch_size=size
-        )
+        n = len(prompts) * k if size is None else min(size, len(prompts) * k)
+        with shape_on_failure(self, f"{n} sequences × prompt + {gen.max_new_tokens} new tokens"):
+            ids, attn, resp_mask, ended, width = sample(
+                self.policy, self.tokenizer, prompts, k, gen, seeds, batch_size=size
+            )
         rows = len(ids)
 
         def policy_pass(r):  # log p_old, its entropy and V(s) of rows r
