@@ -2,32 +2,50 @@
 
 Truncation policy (one place, documented in README): a sequence is `prompt + response`, at most
 `max_length` tokens. When too long, the prompt is cut from the LEFT (the words nearest the
-response are kept; BOS stays first), down to `max_length // 2` tokens at most; if still too long
-the response is cut from the RIGHT and its final EOS is kept, so the reward model always reads its
-score at the end-of-sequence token.
+response are kept; the BOS the tokenizer adds stays first), down to `max_length // 2` tokens at
+most; if still too long the response is cut from the RIGHT and its final stop token (EOS, or a chat
+template's end of turn) is kept, so the reward model always reads its score at the end of the
+response.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
 
 
-def truncate(prompt: list[int], response: list[int], max_length: int, eos_id: int | None):
-    """Apply the truncation policy above; returns (prompt_ids, response_ids)."""
+def truncate(
+    prompt: list[int],
+    response: list[int],
+    max_length: int,
+    eos_id: int | Collection[int] | None,
+    head: int = 1,
+) -> tuple[list[int], list[int]]:
+    """Apply the truncation policy above; returns (prompt_ids, response_ids), together at most
+    `max_length` ids.
+
+    eos_id: the id, or ids, a response may end with (EOS, a chat template's end of turn); a cut
+    response keeps it last. head: leading prompt ids never cut (the BOS the tokenizer adds; 0
+    when it adds none). With `max_length >= head + 3` a cut sequence keeps the head, one prompt
+    token, one response token and the response's stop token.
+    """
     if len(prompt) + len(response) <= max_length:
         return prompt, response
-    budget = max(max_length - len(response), min(len(prompt), max_length // 2))
-    if budget < len(prompt):
-        head = prompt[:1] if prompt else []
-        prompt = head + prompt[len(prompt) - (budget - len(head)) :] if budget > len(head) else head
+    stops = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
+    head = min(head, len(prompt))
+    floor = max_length // 2  # what the prompt may be cut to: half, but at least head + 1 token
+    floor = min(len(prompt), max(floor, head + 1) if max_length >= head + 3 else floor)
+    keep = min(len(prompt), max(max_length - len(response), floor, head), max_length)
+    if keep < len(prompt):
+        tail = keep - head
+        prompt = prompt[:keep] if tail <= 0 else prompt[:head] + prompt[len(prompt) - tail :]
     room = max_length - len(prompt)
     if len(response) > room:
-        ends_eos = eos_id is not None and response and response[-1] == eos_id
-        response = response[: room - 1] + [eos_id] if ends_eos else response[:room]
+        ends = room > 0 and bool(response) and response[-1] in stops
+        response = response[: room - 1] + response[-1:] if ends else response[:room]
     return prompt, response
 
 

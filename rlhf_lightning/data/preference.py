@@ -10,30 +10,18 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from rlhf_lightning.data.batching import (
-    LengthGroupedBatchSampler,
-    ResumableSampling,
-    pad,
-    truncate,
-)
-from rlhf_lightning.data.encoding import encode_prompt, encode_response
+from rlhf_lightning.data.batching import LengthGroupedBatchSampler, ResumableSampling, pad
+from rlhf_lightning.data.encoding import encode_sequences
 from rlhf_lightning.data.spec import DataSpec
 
 
 def encode_pair(tokenizer, record, max_length: int) -> dict:
     """Token ids of both sides of one preference record, truncated by the shared policy."""
-    prompt = encode_prompt(tokenizer, record.prompt)
-    sides = {}
-    for side in ("chosen", "rejected"):
-        p, r = truncate(
-            prompt,
-            encode_response(tokenizer, getattr(record, side)),
-            max_length,
-            tokenizer.eos_token_id,
-        )
-        sides[side] = p + r
+    (pc, rc), (pr, rr) = encode_sequences(
+        tokenizer, [record.prompt] * 2, [record.chosen, record.rejected], max_length
+    )
     margin = record.margin if record.margin is not None else 0.0
-    return {**sides, "margin": float(margin)}
+    return {"chosen": pc + rc, "rejected": pr + rr, "margin": float(margin)}
 
 
 class PreferenceCollator:

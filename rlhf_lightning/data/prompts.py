@@ -37,7 +37,9 @@ class PromptDataModule(ResumableSampling, L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         for split in ("train", "eval"):
             if split not in self.prompts:
-                self.prompts[split] = [r.prompt for r in self.data.load("prompts", split).records]
+                # with the tokenizer: conversational prompts render with its chat template
+                records = self.data.load("prompts", split, self.tokenizer).records
+                self.prompts[split] = [r.prompt for r in records]
         if len(self.prompts["train"]) < self.prompts_per_step:
             raise DataError(
                 f"{len(self.prompts['train'])} training prompts, fewer than "

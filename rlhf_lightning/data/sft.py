@@ -6,23 +6,16 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from rlhf_lightning.data.batching import (
-    LengthGroupedBatchSampler,
-    ResumableSampling,
-    pad,
-    truncate,
-)
-from rlhf_lightning.data.encoding import encode_prompt, encode_response
+from rlhf_lightning.data.batching import LengthGroupedBatchSampler, ResumableSampling, pad
+from rlhf_lightning.data.encoding import encode_sequences
 from rlhf_lightning.data.spec import DataSpec
 
 
 def encode_demonstration(tokenizer, record, max_length: int) -> dict:
-    """ids = [bos] + prompt + completion + [eos]; `response_mask` is 1 on completion tokens."""
-    prompt, response = truncate(
-        encode_prompt(tokenizer, record.prompt),
-        encode_response(tokenizer, record.completion),
-        max_length,
-        tokenizer.eos_token_id,
+    """ids = prompt + completion as `data/encoding.py` encodes them (the checkpoint's BOS and
+    stop tokens); `response_mask` is 1 on completion tokens."""
+    [(prompt, response)] = encode_sequences(
+        tokenizer, [record.prompt], [record.completion], max_length
     )
     return {"ids": prompt + response, "response_mask": [0] * len(prompt) + [1] * len(response)}
 

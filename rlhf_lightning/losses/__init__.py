@@ -1,4 +1,4 @@
-"""Pure tensor functions for RLHF losses: Bradley–Terry, KL estimators, advantages, PPO.
+"""Pure tensor functions for RLHF losses: Bradley–Terry, KL estimators, advantages, PPO, DPO.
 
 No Lightning here: everything is a function of tensors, unit-tested against hand-computed values.
 """
@@ -10,6 +10,7 @@ from rlhf_lightning.losses.advantages import (
     rloo_advantages,
 )
 from rlhf_lightning.losses.bradley_terry import bradley_terry_loss
+from rlhf_lightning.losses.dpo import DPO_LOSSES, dpo_loss, implicit_accuracy
 from rlhf_lightning.losses.kl import KL_ESTIMATORS, kl_penalized_scores, kl_per_token, sequence_kl
 from rlhf_lightning.losses.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from rlhf_lightning.losses.ppo import (
@@ -21,10 +22,13 @@ from rlhf_lightning.losses.ppo import (
 )
 
 __all__ = [
+    "DPO_LOSSES",
     "KL_ESTIMATORS",
     "bradley_terry_loss",
+    "dpo_loss",
     "gae",
     "grpo_advantages",
+    "implicit_accuracy",
     "kl_penalized_scores",
     "kl_per_token",
     "last_token_index",
