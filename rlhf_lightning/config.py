@@ -15,6 +15,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from rlhf_lightning.errors import ConfigError
 from rlhf_lightning.losses.kl import KL_ESTIMATORS
+from rlhf_lightning.models.factory import DTYPES
 from rlhf_lightning.modules.algorithm import ALGORITHMS
 
 STAGES = ("sft", "rm", "policy")
@@ -40,17 +41,26 @@ def _fraction(x) -> bool:
     return _number(x) and 0 < x < 1
 
 
+# BOS + one prompt token + one response token + EOS: the shortest sequence worth training on
+MIN_LENGTH = 4
+_LENGTH = f"an integer >= {MIN_LENGTH} (BOS + one prompt token + one response token + EOS)"
+
+
+def _sequence_length(x) -> bool:
+    return _positive_int(x) and x >= MIN_LENGTH
+
+
 # (key, check, what a valid value is)
 RULES: list[tuple[str, Callable[[object], bool], str]] = [
     ("seed", lambda x: isinstance(x, int) and not isinstance(x, bool), "an integer"),
     ("rm.module.optimizer.lr", _positive, "a number > 0"),
     ("rm.module.centering", _non_negative, "a number >= 0"),
     ("rm.batch_size", _positive_int, "an integer > 0"),
-    ("rm.max_length", _positive_int, "an integer > 0"),
+    ("rm.max_length", _sequence_length, _LENGTH),
     ("rm.max_epochs", _positive_int, "an integer > 0"),
     ("sft.module.optimizer.lr", _positive, "a number > 0"),
     ("sft.batch_size", _positive_int, "an integer > 0"),
-    ("sft.max_length", _positive_int, "an integer > 0"),
+    ("sft.max_length", _sequence_length, _LENGTH),
     ("sft.max_epochs", _positive_int, "an integer > 0"),
     ("policy.steps", _positive_int, "an integer > 0"),
     ("policy.prompts_per_step", _positive_int, "an integer > 0"),
@@ -58,6 +68,8 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
     ("policy.generation.temperature", _positive, "a number > 0"),
     ("policy.generation.max_new_tokens", _positive_int, "an integer > 0"),
     ("policy.eval_samples", _positive_int, "an integer > 0"),
+    ("reward.max_length", _sequence_length, _LENGTH),
+    ("model.dtype", lambda x: x in DTYPES, f"one of {list(DTYPES)}"),
     ("algo.name", lambda x: x in ALGORITHMS, f"one of {list(ALGORITHMS)}"),
     ("algo.beta", _non_negative, "a number >= 0"),
     ("algo.group_size", _positive_int, "an integer > 0"),

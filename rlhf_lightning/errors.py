@@ -27,5 +27,16 @@ class ArtifactError(RLHFError):
     """An artifact of an earlier stage is missing or does not match what was recorded."""
 
 
+class CheckpointError(RLHFError):
+    """A model checkpoint (`model.name_or_path`) is missing, incomplete or inconsistent."""
+
+    def __init__(self, what: str, fix: str = ""):
+        super().__init__(f"{what} — fix: {fix}" if fix else what)
+
+
 class NumericalError(RLHFError):
     """A loss, reward or KL became NaN or infinite."""
+
+
+class ResourceError(RLHFError):
+    """The run does not fit the machine (out of memory): names the shape and what to lower."""

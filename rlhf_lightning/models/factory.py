@@ -25,7 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rlhf_lightning.errors import ArtifactError
+from rlhf_lightning.errors import ArtifactError, CheckpointError, ConfigError
 from rlhf_lightning.models import lora as _lora
 from rlhf_lightning.models.tokenizer import PAD, build_tokenizer
 
@@ -38,6 +38,10 @@ TINY_DEFAULTS: dict[str, Any] = dict(
     max_position_embeddings=256,
     tie_word_embeddings=True,
 )
+# model.dtype: the parameter dtypes a model may be loaded in
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass
@@ -52,6 +56,8 @@ class ModelSpec:
     dtype: parameter dtype, e.g. "float32" or "bfloat16".
     lora: None trains every policy weight; a mapping {r, alpha, dropout, target_modules} trains
         a LoRA adapter in the policy stage instead (`LoraSettings`; SFT and RM train fully).
+    gradient_checkpointing: recompute each layer's activations in the backward pass instead of
+        keeping them (every trained network: SFT, RM, policy, LoRA policy; same gradients).
     """
 
     name_or_path: str | None = None
@@ -60,9 +66,14 @@ class ModelSpec:
     trust_remote_code: bool = False
     dtype: str = "float32"
     lora: dict[str, Any] | None = None
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         self.lora_settings  # noqa: B018 (a bad model.lora, or no peft, fails at start-up)
+        if self.dtype not in DTYPES:
+            raise ConfigError(
+                f"model.dtype={self.dtype!r} is invalid: expected one of {list(DTYPES)}"
+            )
 
     @property
     def lora_settings(self) -> _lora.LoraSettings | None:
@@ -79,13 +90,12 @@ class ModelSpec:
         """The tokenizer of the spec's model.
 
         Tiny model: trained once on `corpus()` and saved to `cache_dir`, so every stage of a task
-        shares the same ids. Pretrained: loaded from `name_or_path` (a pad token is added when it
-        has none; the embeddings grow to match).
+        shares the same ids. Pretrained: loaded from `name_or_path` after the checkpoint is
+        checked (`checkpoint_tokenizer`); a pad token is added when it has none (the embeddings
+        grow to match), distinct from EOS so the reward model's last real token is never pad.
         """
         if not self.is_tiny:  # a pretrained tokenizer belongs to its checkpoint: never cached
-            tokenizer = AutoTokenizer.from_pretrained(
-                self.name_or_path, trust_remote_code=self.trust_remote_code
-            )
+            tokenizer = checkpoint_tokenizer(self.name_or_path, self.trust_remote_code)
             if tokenizer.pad_token is None:
                 tokenizer.add_special_tokens({"pad_token": PAD})
             tokenizer.padding_side = "right"
@@ -126,17 +136,30 @@ class ModelSpec:
             config.num_labels = 1
             model = AutoModelForSequenceClassification.from_config(config)
             return model.to(self._dtype)
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model = _load(
+            AutoModelForSequenceClassification,
             self.name_or_path,
+            self.trust_remote_code,
+            self._dtype,
             num_labels=1,
-            trust_remote_code=self.trust_remote_code,
-            dtype=self._dtype,
         )
         return _fit_vocab(model, tokenizer)
 
+    def trainable(self, model):
+        """`model` set up for training: activation checkpointing when the spec asks for it."""
+        if self.gradient_checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+            if enable is not None:
+                enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
+        return model
+
     @property
     def _dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
+        return DTYPES[self.dtype]
 
     def _tiny_config(self, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
         kwargs = {**TINY_DEFAULTS, **dict(self.config)}
@@ -149,14 +172,72 @@ class ModelSpec:
         )
 
 
-def _load(auto_cls, path, trust_remote_code: bool, dtype: torch.dtype) -> PreTrainedModel:
+def _load(auto_cls, path, trust_remote_code: bool, dtype: torch.dtype, **kwargs):
     try:
-        return auto_cls.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
+        return auto_cls.from_pretrained(
+            path, trust_remote_code=trust_remote_code, dtype=dtype, **kwargs
+        )
     except OSError as err:
         raise ArtifactError(
-            f"cannot load a model from '{path}': {err}. Check the path, or the Hub name "
-            "(offline machines need a local directory)"
+            f"cannot load a model from '{path}': {_first_line(err)}. Check the path, or the Hub "
+            "name (offline machines need a local directory)"
         ) from err
+
+
+def checkpoint_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The tokenizer of a checkpoint, once the checkpoint is found fit to train: a folder (or Hub
+    name) with a config, weights and a tokenizer that turns text into ids the embeddings hold.
+    Anything else raises CheckpointError, one line naming `model.name_or_path` and the fix."""
+    where = f"model.name_or_path={name_or_path}"
+    local = Path(name_or_path).expanduser()
+    if not local.exists() and (local.is_absolute() or str(name_or_path).startswith((".", "~"))):
+        raise CheckpointError(f"{where}: no such folder", "give the folder holding config.json")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{where}: no model config ({_first_line(err)})",
+            "give a folder made by save_pretrained, or a Hub name (offline: a local folder)",
+        ) from None
+    if local.is_dir() and not any(next(local.glob(p), None) for p in WEIGHTS):
+        raise CheckpointError(
+            f"{where}: the folder has config.json but no weights (*.safetensors or *.bin)",
+            "save the model into it with model.save_pretrained(folder)",
+        )
+    fix = "save the tokenizer the model was trained with into it (tokenizer.save_pretrained(folder))"
+    if local.is_dir() and not any((local / f).exists() for f in TOKENIZER_FILES):
+        raise CheckpointError(f"{where}: the folder has no tokenizer (no tokenizer.json)", fix)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{where}: no usable tokenizer ({type(err).__name__}: {_first_line(err)})", fix
+        ) from None
+    _check_tokenizer(tokenizer, config, where)
+    return tokenizer
+
+
+def _check_tokenizer(tokenizer, config, where: str) -> None:
+    """Text must become tokens, and every token id must have an embedding row."""
+    probe = "Hello world, 42 times."
+    if not tokenizer(probe, add_special_tokens=False)["input_ids"]:
+        raise CheckpointError(
+            f"{where}: the tokenizer turns text into no tokens ({probe!r} -> [])",
+            "use the tokenizer saved with the checkpoint (its vocabulary has no tokens for text)",
+        )
+    rows = getattr(config.get_text_config(), "vocab_size", None)
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise CheckpointError(
+            f"{where}: the tokenizer has {len(tokenizer)} tokens but the embeddings {rows} rows "
+            "(config.json vocab_size)",
+            "use the tokenizer saved with these weights, or resize the embeddings "
+            "(model.resize_token_embeddings(len(tokenizer))) and save both again",
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def _fit_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -177,3 +258,15 @@ def _save_atomic(tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
 def hf_config(path: str | Path):
     """The transformers config of a saved model (cheap check that an artifact is a model)."""
     return AutoConfig.from_pretrained(path)
+
+
+def train_without_dropout(model) -> None:
+    """Eval mode (no dropout: log p at update time must equal log p at sampling time), with
+    activation checkpointing kept on where it is enabled — transformers' layers checkpoint only
+    in training mode, so those layers alone (not their dropout or attention) are flagged so."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            module.training = True

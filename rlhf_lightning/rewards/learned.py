@@ -3,6 +3,12 @@
     r(u, y) = (r_φ(u, y) − μ_val) / σ_val
 
 so that β means the same across reward models (Ziegler et al. 2019 normalise the same way).
+
+A policy sample reaches the reward model as text (`decode_responses`) and is encoded here as the
+RM stage encoded its training pairs (`data/encoding.encode_sequences`, same truncation), so the
+RM scores a sample with the ids it saw for the same text in training. A reward model of another
+family (another vocabulary) re-tokenises that text with its own tokenizer; the policy's own stop
+token text at the end of a response (`<|im_end|>`) is dropped first, and the RM's EOS closes it.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ from pathlib import Path
 import torch
 
 from rlhf_lightning.artifacts import content_hash, read_manifest, require_artifact
-from rlhf_lightning.data.batching import pad, truncate
-from rlhf_lightning.data.encoding import encode_prompts, encode_responses
+from rlhf_lightning.data.batching import pad
+from rlhf_lightning.data.encoding import encode_sequences, stop_token_ids
+from rlhf_lightning.models.reward_scores import reward_scores
 from rlhf_lightning.rewards.base import RewardFunction
 
 
@@ -35,6 +42,7 @@ class LearnedReward(RewardFunction):
         self.model = self.tokenizer = None
         self.mean, self.std = 0.0, 1.0
         self.sha256: str | None = None
+        self.foreign_stops: tuple[str, ...] = ()  # the policy's stop texts, for a foreign RM
 
     def setup(self, ctx) -> LearnedReward:
         from transformers import AutoTokenizer
@@ -47,34 +55,48 @@ class LearnedReward(RewardFunction):
         if self.normalise and stats:
             self.mean, self.std = float(stats["mean"]), max(float(stats["std"]), 1e-6)
         self.sha256 = content_hash(path)
+        self.foreign_stops = _foreign_stop_texts(ctx.tokenizer, self.tokenizer)
         return self
 
     def to(self, device) -> LearnedReward:
         self.model.to(device)
         return self
 
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
+        """The ids the reward model scores for each (prompt, response): those the RM stage
+        trained on for the same texts (`encode_sequences`)."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        responses = [_strip_suffix(r, self.foreign_stops) for r in responses]
+        pairs = encode_sequences(self.tokenizer, list(prompts), responses, self.max_length)
+        return [p + r for p, r in pairs]
+
     @torch.inference_mode()
     def raw(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         """Unnormalised RM scores [B]."""
         device = next(self.model.parameters()).device
-        eos = self.tokenizer.eos_token_id
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        seqs = []  # one batched tokenizer call each for prompts and responses
-        encoded = zip(
-            encode_prompts(self.tokenizer, list(prompts)),
-            encode_responses(self.tokenizer, list(responses)),
-            strict=True,
-        )
-        for p, r in encoded:
-            p, r = truncate(p, r, self.max_length, eos)
-            seqs.append(p + r)
+        seqs = self.encode(prompts, responses)  # one batched tokenizer call each
         scores = []
         for start in range(0, len(seqs), self.batch_size):
             ids, mask = pad(seqs[start : start + self.batch_size], self.tokenizer.pad_token_id)
-            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            scores.append(logits[:, 0].float())
+            scores.append(reward_scores(self.model, ids.to(device), mask.to(device)))
         return torch.cat(scores).cpu()
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         return (self.raw(prompts, responses) - self.mean) / self.std
+
+
+def _foreign_stop_texts(policy_tokenizer, rm_tokenizer) -> tuple[str, ...]:
+    """The policy tokenizer's stop tokens as text, when the RM's tokenizer is another one (none
+    when both have the same vocabulary: then the stop token is the RM's own end)."""
+    if policy_tokenizer is None or policy_tokenizer.get_vocab() == rm_tokenizer.get_vocab():
+        return ()
+    tokens = policy_tokenizer.convert_ids_to_tokens(stop_token_ids(policy_tokenizer))
+    return tuple(t for t in tokens if t)
+
+
+def _strip_suffix(text: str, suffixes: tuple[str, ...]) -> str:
+    for suffix in suffixes:
+        if text.endswith(suffix):
+            return text[: -len(suffix)]
+    return text
