@@ -222,6 +222,18 @@ def rm_whole(tiny_cfg_base, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
+def test_rm_in_micro_batches_resumes_exactly_after_a_crash(tmp_path):
+    """A step is one training_step however many micro-batches it has: a crashed micro-batched run
+    resumes to the bitwise weights of the same run uninterrupted."""
+    micro = [*RM_RESUME, "rm.micro_batch_size=3"]
+    run(cfg_in(micro, tmp_path / "whole", "whole"))
+    with crash_at(RewardModelModule, 5), pytest.raises(RuntimeError, match="injected"):
+        run(cfg_in(micro, tmp_path, "crashed"))
+    run(cfg_in([*micro, "ckpt_path=last"], tmp_path, "resumed"))
+    assert content_hash(tmp_path / ARTIFACT) == content_hash(tmp_path / "whole" / ARTIFACT)
+
+
 @pytest.mark.parametrize("crash", [5, 9], ids=["mid-epoch", "after-an-epoch-end-checkpoint"])
 def test_rm_resumes_exactly_after_a_crash(rm_whole, crash, tmp_path):
     """Checkpoints at steps 4 / 8 (the last batch of epoch 0, before its validation)."""
