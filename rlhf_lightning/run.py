@@ -98,17 +98,9 @@ class RunContext:
         return trainer
 
     def _logger(self, stage: str):
-        node = self.cfg.get("logger")
-        if not node or "_target_" not in node:
-            return False
-        if "WandbLogger" in node._target_:
-            sweep_group, sweep_name = sweep_names(stage)
-            group = node.get("group") or sweep_group or f"{self.data.name}-{self.output_dir.name}"
-            name = node.get("name") or sweep_name or stage
-            return instantiate(node, group=group, name=name, job_type=stage)
-        return (
-            instantiate(node, version=stage) if "CSVLogger" in node._target_ else instantiate(node)
-        )
+        sweep_group, sweep_name = sweep_names(stage)
+        group = sweep_group or f"{self.data.name}-{self.output_dir.name}"
+        return build_logger(self.cfg.get("logger"), stage, group, sweep_name)
 
     @contextlib.contextmanager
     def stage_run(self, stage: str) -> Iterator[None]:
@@ -118,6 +110,49 @@ class RunContext:
             yield
         finally:
             _finish_wandb()
+
+
+def build_logger(node, stage: str, group: str, name: str | None = None):
+    """The Lightning logger of `conf/logger/<option>` for one stage (False for `logger=none`).
+
+    wandb: one run per stage (`name`, default the stage), grouped by `group`; CSV and TensorBoard:
+    one version folder per stage (`csv/<stage>/metrics.csv`, `tensorboard/<stage>/`)."""
+    if not node or "_target_" not in node:
+        return False
+    if "WandbLogger" in node._target_:
+        name = node.get("name") or name or stage
+        logger = instantiate(node, group=node.get("group") or group, name=name, job_type=stage)
+        # Lightning passes `anonymous=None` to wandb.init, which wandb 0.31 warns about on
+        # every run ("The anonymous setting has no effect"); not passing it is the same run.
+        getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+        return logger
+    if "CSVLogger" in node._target_ or "TensorBoardLogger" in node._target_:
+        return instantiate(node, version=stage)
+    return instantiate(node)
+
+
+def quiet_third_party() -> None:
+    """Silence known third-party noise where it comes from; our own warnings stay visible."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("lightning.pytorch", "lightning.fabric"):  # they print themselves: no duplicates
+        logging.getLogger(name).propagate = False
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # see rlhf_lightning/__init__.py
+    # torch 2.13 deprecates `LeafSpec`, which Lightning 2.6 still builds in its `_tree_flatten`
+    # (once per fit): nothing we call, nothing a user can change.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+    )
+    # Intended here, so not worth a warning on every run: the policy stage keeps dropout off (eval
+    # mode), and its checkpoints hold the state after the rollout's updates.
+    warnings.filterwarnings(
+        "ignore", message=r".*module\(s\) in eval mode at the start of training"
+    )
+    warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization")
 
 
 def _finish_wandb() -> None:
@@ -133,25 +168,15 @@ def _finish_wandb() -> None:
 def run(cfg: DictConfig) -> float | None:
     """Run `cfg.stage.stages` in order; return the metric a sweeper optimises (or None)."""
     validate(cfg)
-    import transformers
-
     from rlhf_lightning.stages import STAGE_RUNNERS
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    for name in ("lightning.pytorch", "lightning.fabric"):  # they print themselves: no duplicates
-        logging.getLogger(name).propagate = False
-    # Intended here, so not worth a warning on every run: the policy stage keeps dropout off (eval
-    # mode), and its checkpoints hold the state after the rollout's updates.
-    warnings.filterwarnings(
-        "ignore", message=r".*module\(s\) in eval mode at the start of training"
-    )
-    warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization")
-
+    quiet_third_party()
     ctx = RunContext(cfg)
     results: dict[str, dict] = {}
     try:
-        for stage in cfg.stage.stages:
+        for number, stage in enumerate(cfg.stage.stages, 1):
+            if is_rank_zero():
+                print(_stage_line(ctx, stage, number, len(cfg.stage.stages)), flush=True)
             with ctx.stage_run(stage):
                 results[stage] = STAGE_RUNNERS[stage](ctx)
     except BaseException as err:
@@ -205,6 +230,23 @@ def sweep_names(stage: str) -> tuple[str | None, str | None]:
     return f"sweep-{Path(hydra_cfg.sweep.dir).name}", f"{stage}[{swept}]"
 
 
+STAGE_WORK = {
+    "sft": "supervised fine-tuning on demonstrations",
+    "rm": "reward model (Bradley–Terry) on preference pairs",
+    "policy": "RLHF from the SFT reference against the frozen reward",
+}
+
+
+def _stage_line(ctx: RunContext, stage: str, number: int, total: int) -> str:
+    """One line as a stage starts: what it does, where its model goes."""
+    what = STAGE_WORK.get(stage, stage)
+    if stage == "policy":
+        algo, beta = OmegaConf.select(ctx.cfg, "algo.name"), OmegaConf.select(ctx.cfg, "algo.beta")
+        reward = str(OmegaConf.select(ctx.cfg, "reward._target_")).rsplit(".", 1)[-1]
+        what += f" ({algo}, β={beta}, {reward})"
+    return f"== [{number}/{total}] {stage}: {what} → {ctx.artifact(stage, write=True)}"
+
+
 def _print_summary(ctx: RunContext, results: dict[str, dict]) -> None:
     print("\n== rlhf-lightning summary ==")
     for stage, metrics in results.items():
@@ -212,7 +254,40 @@ def _print_summary(ctx: RunContext, results: dict[str, dict]) -> None:
         print(f"[{stage}] {shown}")
         if "artifact" in metrics:
             print(f"[{stage}] model saved to {metrics['artifact']}")
-    print(f"run directory: {ctx.output_dir.resolve()}")
+    out = ctx.output_dir.resolve()
+    print(f"run directory: {out}")
+    for line in files_to_open(out):
+        print(line)
+    if "policy" in results or "rm" in results:
+        args = [o for o in _job_overrides() if o.startswith(("task", "data", "paths", "seed"))]
+        mode = "" if "policy" in results else " mode=rm"
+        print(
+            f"next: python eval.py{mode}{''.join(' ' + a for a in args)}  (policy vs SFT with intervals)"
+        )
+
+
+def files_to_open(out: Path) -> list[str]:
+    """Lines naming the plots, reports and logger output in run dir `out`, and how to view them."""
+    lines = []
+    plots = sorted(out.glob("*.png"))
+    reports = sorted(p for ext in ("md", "json", "jsonl") for p in out.glob(f"*.{ext}"))
+    if plots:
+        lines.append("plots: " + ", ".join(str(p) for p in plots))
+    if reports:
+        lines.append("reports: " + ", ".join(str(p) for p in reports))
+    offline = sorted((out / "wandb").glob("offline-run-*"))
+    online = sorted((out / "wandb").glob("run-*"))
+    if offline:
+        lines.append(
+            f"wandb (offline): {out / 'wandb'} — upload: wandb sync {out / 'wandb'}/offline-run-*"
+        )
+    elif online:
+        lines.append(f"wandb: {out / 'wandb'} (logged live)")
+    for metrics in sorted(out.glob("csv/*/metrics.csv")):
+        lines.append(f"csv: {metrics}")
+    if (out / "tensorboard").exists():
+        lines.append(f"tensorboard: tensorboard --logdir {out / 'tensorboard'}")
+    return lines
 
 
 def to_dict(cfg: DictConfig) -> dict:

@@ -9,7 +9,7 @@ import torch
 from helpers import CONF_DIR, TINY, compose, train_cli
 from hydra.utils import get_object, instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -137,7 +137,7 @@ def test_model_spec_instantiates(option, tmp_path):
 def test_logger_instantiates(option, tmp_path):
     ctx = RunContext(compose_option("logger", option, tmp_path))
     logger = ctx._logger("rm")
-    expected = {"csv": CSVLogger, "wandb": WandbLogger}.get(option)
+    expected = {"csv": CSVLogger, "wandb": WandbLogger, "tensorboard": TensorBoardLogger}.get(option)
     if expected is None:
         assert logger is False
         return
