@@ -21,7 +21,7 @@ from layouts import EOT, LAYOUTS, broken, save_checkpoint, tokenizer_of
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_lightning.data.batching import truncate
-from rlhf_lightning.data.chat import render_completion, render_prompt
+from rlhf_lightning.data.chat import DEFAULT_CHAT_TEMPLATE, render_completion, render_prompt
 from rlhf_lightning.data.encoding import (
     encode_prompt,
     encode_prompts,
@@ -152,6 +152,16 @@ def test_an_end_of_turn_that_is_not_eos_is_a_stop_token(rows):
         body = sampled[:-1] + ending
         text = decoded(tokenizer, encode_prompt(tokenizer, prompt), body)
         assert encode_response(tokenizer, text) == body
+
+
+def test_a_template_that_writes_bos_gets_no_second_one(rows):
+    """Llama-style templates start with `{{ bos_token }}`; the tokenizer's BOS is not added again."""
+    tokenizer = build_tokenizer(texts(rows), vocab_size=300)
+    tokenizer.chat_template = "{{ bos_token }}" + DEFAULT_CHAT_TEMPLATE
+    prompt = render_prompt([{"role": "user", "content": USER}], tokenizer)
+    assert prompt.startswith("<s>")
+    ids = encode_prompt(tokenizer, prompt)
+    assert ids[0] == tokenizer.bos_token_id and ids[1] != tokenizer.bos_token_id
 
 
 def test_an_empty_prompt_starts_from_a_token(rows):
