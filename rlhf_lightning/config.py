@@ -14,11 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from rlhf_lightning.errors import ConfigError
+from rlhf_lightning.losses.dpo import DPO_LOSSES
 from rlhf_lightning.losses.kl import KL_ESTIMATORS
 from rlhf_lightning.models.factory import DTYPES
 from rlhf_lightning.modules.algorithm import ALGORITHMS
 
-STAGES = ("sft", "rm", "policy")
+STAGES = ("sft", "rm", "policy", "dpo")
 
 
 def _number(x) -> bool:
@@ -69,6 +70,15 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
     ("policy.generation.max_new_tokens", _positive_int, "an integer > 0"),
     ("policy.eval_samples", _positive_int, "an integer > 0"),
     ("reward.max_length", _sequence_length, _LENGTH),
+    ("dpo.beta", _positive, "a number > 0"),
+    ("dpo.loss_type", lambda x: x in DPO_LOSSES, f"one of {list(DPO_LOSSES)}"),
+    ("dpo.label_smoothing", lambda x: _number(x) and 0 <= x < 0.5, "a number in [0, 0.5)"),
+    ("dpo.margin", _non_negative, "a number >= 0"),
+    ("dpo.module.optimizer.lr", _positive, "a number > 0"),
+    ("dpo.batch_size", _positive_int, "an integer > 0"),
+    ("dpo.max_length", _sequence_length, _LENGTH),
+    ("dpo.max_epochs", _positive_int, "an integer > 0"),
+    ("dpo.eval_samples", _positive_int, "an integer > 0"),
     ("model.dtype", lambda x: x in DTYPES, f"one of {list(DTYPES)}"),
     ("algo.name", lambda x: x in ALGORITHMS, f"one of {list(ALGORITHMS)}"),
     ("algo.beta", _non_negative, "a number >= 0"),
@@ -140,7 +150,7 @@ def _check_processes(cfg: DictConfig) -> None:
     world = devices * (nodes if _positive_int(nodes) else 1)
     if world == 1:
         return
-    for key in ("sft.batch_size", "rm.batch_size", "policy.prompts_per_step"):
+    for key in ("sft.batch_size", "rm.batch_size", "dpo.batch_size", "policy.prompts_per_step"):
         value = _get(cfg, key)
         if _positive_int(value) and value < world:
             raise ConfigError(

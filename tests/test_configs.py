@@ -36,7 +36,7 @@ REQUIRED = {
 
 # Top-level keys whose `_target_` nodes the tests below instantiate; a new one needs a test.
 INSTANTIATED = {"task", "data", "model", "logger", "callbacks", "kl_controller", "reward"}
-INSTANTIATED |= {"trainer", "checkpoint", "rm", "sft", "policy"}
+INSTANTIATED |= {"trainer", "checkpoint", "rm", "sft", "policy", "dpo"}
 
 
 def options(group: str) -> list[str]:
@@ -203,6 +203,28 @@ def test_stage_modules_and_optimisers_instantiate(tmp_path):
         assert isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
     policy_optimizer = instantiate(cfg.policy.optimizer)(net.parameters())
     assert policy_optimizer.defaults["betas"] == (0.9, 0.95)
+
+
+def test_dpo_module_instantiates(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf_lightning.modules.dpo import DPOModule
+
+    cfg = compose(TINY, tmp_path)
+    tiny = LlamaConfig(
+        vocab_size=16,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    policy, reference = LlamaForCausalLM(tiny), LlamaForCausalLM(tiny)
+    dpo = instantiate(cfg.dpo.module, policy=policy, reference=reference, tokenizer=None)
+    assert isinstance(dpo, DPOModule) and dpo.beta.value == cfg.dpo.beta
+    optimizer = dpo.optimizer_factory(dpo.trained_parameters())
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert not any(p.requires_grad for p in dpo.reference.parameters())  # frozen
 
 
 def test_checkpoint_instantiates(tmp_path):

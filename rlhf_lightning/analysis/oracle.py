@@ -2,7 +2,9 @@
 
 At construction the reference is enumerated once (p_ref [P, N]) and the task's gold table is
 standardised under it (mean 0, std 1 per prompt), so J(p_ref) = 0 and J* = β·mean log Z. All
-`optimum/*` numbers are with respect to the gold table, the reward the closed form is about.
+`optimum/*` numbers are with respect to the gold table, the reward the closed form is about —
+or to `rewards` when given: the DPO stage passes g/τ, the reward Bradley–Terry labels at
+temperature τ identify, whose optimum at β is p_DPO* ∝ p_ref exp(g/(τβ)).
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from rlhf_lightning.analysis.optimum import (
 
 
 class OracleEvaluator:
-    def __init__(self, task, tokenizer, reference, temperature: float = 1.0):
+    def __init__(self, task, tokenizer, reference, temperature: float = 1.0, rewards=None):
         self.task, self.tokenizer, self.temperature = task, tokenizer, temperature
         with torch.no_grad():
             self.ref_logprobs = enumerated_logprobs(reference, tokenizer, task, temperature)
         task.standardise(self.ref_logprobs)
-        self.rewards = task.rewards()  # [P, N]
+        self.rewards = task.rewards() if rewards is None else rewards.float()  # [P, N]
 
     def policy_logprobs(self, policy, temperature: float | None = None) -> Tensor:
         """Exact log p_θ(y|u) [P, N], differentiable."""

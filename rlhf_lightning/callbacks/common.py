@@ -142,14 +142,15 @@ def log_metrics(
 
 
 class EvalCallback(L.Callback):
-    """Base of the policy-stage evaluation callbacks: the schedule and its resumable state.
+    """Base of the evaluation callbacks of the policy and DPO stages (a module with `.policy`,
+    `.reference`, `.reward`, `.tokenizer`, `.generation`, `.beta`): the schedule and its state.
 
     Subclasses implement `evaluate(trainer, module)`, which runs on rank zero only.
     every_n_steps: evaluate when this many optimiser steps passed since the last evaluation.
     at_start / at_end: also evaluate before the first step / after the last one.
     """
 
-    stages: tuple[str, ...] = ("policy",)
+    stages: tuple[str, ...] = ("policy", "dpo")
 
     def __init__(self, every_n_steps: int = 10, at_start: bool = True, at_end: bool = True):
         if every_n_steps < 1:

@@ -21,11 +21,14 @@ def encode_pair(tokenizer, record, max_length: int) -> dict:
         tokenizer, [record.prompt] * 2, [record.chosen, record.rejected], max_length
     )
     margin = record.margin if record.margin is not None else 0.0
-    return {"chosen": pc + rc, "rejected": pr + rr, "margin": float(margin)}
+    # each side's prompt length: truncation may cut the prompt differently beside each response
+    sides = {"chosen": pc + rc, "rejected": pr + rr, "prompt_lengths": (len(pc), len(pr))}
+    return {**sides, "margin": float(margin)}
 
 
 class PreferenceCollator:
-    """Dynamic padding of encoded pairs into one [2B, T] batch (chosen rows first)."""
+    """Dynamic padding of encoded pairs into one [2B, T] batch (chosen rows first), with the
+    `response_mask` [2B, T] (1 on response tokens; DPO scores log p(y|u) with it)."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -35,12 +38,22 @@ class PreferenceCollator:
             [it["chosen"] for it in items] + [it["rejected"] for it in items], self.pad_id
         )
         margin = torch.tensor([it["margin"] for it in items], dtype=torch.float32)
-        return {"input_ids": ids, "attention_mask": mask, "margin": margin}
+        starts = [it["prompt_lengths"][side] for side in (0, 1) for it in items]  # [2B]
+        response_mask = mask * (torch.arange(mask.shape[1]) >= torch.tensor(starts)[:, None])
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "response_mask": response_mask,
+            "margin": margin,
+        }
 
 
 class PreferenceDataModule(ResumableSampling, L.LightningDataModule):
-    """Preference pairs of a `DataSpec` for reward-model training and validation (checkpoints
-    carry the position in the training order: `ResumableSampling`)."""
+    """Preference pairs of a `DataSpec` for reward-model and DPO training and validation
+    (checkpoints carry the position in the training order: `ResumableSampling`).
+
+    eval_prompts: also load the held-out prompts into `prompts["eval"]`, where the evaluation
+    callbacks sample from (the DPO stage; `PromptDataModule` has the same attribute)."""
 
     def __init__(
         self,
@@ -50,12 +63,15 @@ class PreferenceDataModule(ResumableSampling, L.LightningDataModule):
         max_length: int = 128,
         seed: int = 0,
         num_workers: int = 0,
+        eval_prompts: bool = False,
     ):
         super().__init__()
         self.data, self.tokenizer = data, tokenizer
         self.batch_size, self.max_length = batch_size, max_length
         self.seed, self.num_workers = seed, num_workers
+        self.eval_prompts = eval_prompts
         self.datasets: dict[str, list[dict]] = {}
+        self.prompts: dict[str, list[str]] = {}
         self.sampler: LengthGroupedBatchSampler | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -65,6 +81,9 @@ class PreferenceDataModule(ResumableSampling, L.LightningDataModule):
                 self.datasets[split] = [
                     encode_pair(self.tokenizer, r, self.max_length) for r in records
                 ]
+        if self.eval_prompts and "eval" not in self.prompts:
+            records = self.data.load("prompts", "eval", self.tokenizer).records
+            self.prompts["eval"] = [r.prompt for r in records]
 
     def train_dataloader(self) -> DataLoader:
         train = self.datasets["train"]

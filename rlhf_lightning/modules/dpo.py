@@ -1,0 +1,246 @@
+"""`DPOModule`: direct preference optimisation of p_θ from preference pairs and a frozen reference.
+
+    L(θ) = mean over pairs of ℓ(ρ⁺, ρ⁻),   ρ± = log p_θ(y±|u) − log p_ref(y±|u)
+
+with ℓ the sigmoid (DPO), IPO or robust loss of `losses/dpo.py` (Rafailov et al. 2023,
+https://arxiv.org/abs/2305.18290). A sibling of `RewardModelModule`: one optimiser step per batch
+of pairs in micro-batches of pairs (`MicroBatchedModule`), chosen rows then rejected rows in one
+[2B, T] batch, log p(y|u) from `response_logprobs` (logits at response positions only).
+
+The reference never changes, so with `precompute_ref_logprobs` its log p(y|u) of every training
+and validation pair is computed once before training (as TRL's `precompute_ref_log_probs`) and
+looked up by the pair's token ids; without it, it is recomputed in each micro-batch (no grad).
+
+For the evaluation callbacks it has what `PolicyModule` has: `.policy`, `.reference`, `.reward`
+(the proxy: the learned RM when given, else the task's gold), `.tokenizer`, `.generation`,
+`.beta` (a fixed β), `.exact` (on `task=oracle`, exact J, J* and KL to p_DPO*).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from rlhf_lightning.control.beta import FixedBeta
+from rlhf_lightning.losses.dpo import DPO_LOSSES, dpo_loss, implicit_accuracy
+from rlhf_lightning.microbatch import chunked
+from rlhf_lightning.models.factory import train_without_dropout
+from rlhf_lightning.models.logprobs import response_logprobs
+from rlhf_lightning.modules.rollout import GenerationSettings
+from rlhf_lightning.modules.supervised import MicroBatchedModule, trimmed
+
+KEYS = ("input_ids", "attention_mask", "response_mask")
+VAL_KEYS = ("loss", "implicit_accuracy", "implicit_margin", "logratio_chosen", "logratio_rejected")
+
+
+class DPOModule(MicroBatchedModule):
+    """policy: HF causal LM (trained); reference: the frozen SFT model (or the LoRA policy with its
+    adapter off). beta: β > 0. loss_type: sigmoid | ipo | robust. label_smoothing: ε (sigmoid:
+    cDPO, robust: the assumed flip rate). margin: γ (sigmoid). precompute_ref_logprobs: score the
+    reference once per pair. disable_dropout: train in eval mode, as TRL (so ρ = 0 at step 0).
+    forward_batch_size: pairs per no-grad reference pass. Micro-batching: `MicroBatchedModule`."""
+
+    stage_name = "dpo"
+    loss_name = "DPO"
+    numerical_fix = "lower dpo.module.optimizer.lr"
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        reference: nn.Module,
+        tokenizer,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        margin: float = 0.0,
+        precompute_ref_logprobs: bool = True,
+        disable_dropout: bool = True,
+        generation: GenerationSettings | None = None,
+        reward: Callable | None = None,
+        exact=None,
+        forward_batch_size: int | None = None,
+        micro_batch_size: int | None = None,
+        max_tokens_per_micro_batch: int | None = None,
+        max_grad_norm: float | None = None,
+    ):
+        super().__init__(
+            optimizer, scheduler, micro_batch_size, max_tokens_per_micro_batch, max_grad_norm
+        )
+        if loss_type not in DPO_LOSSES:
+            raise ValueError(f"loss_type={loss_type!r}: expected one of {list(DPO_LOSSES)}")
+        self.save_hyperparameters(
+            ignore=["policy", "reference", "tokenizer", "optimizer", "scheduler", "generation"]
+            + ["reward", "exact"]
+        )
+        self.policy, self.tokenizer = policy, tokenizer
+        # frozen, outside the optimiser and the state dict (as in PolicyModule)
+        self._frozen = {"reference": reference.eval().requires_grad_(False), "reward": reward}
+        self.beta = FixedBeta(beta)
+        self.generation = generation or GenerationSettings()
+        self.exact, self.forward_batch_size = exact, forward_batch_size
+        self._ref_cache: dict[tuple, float] | None = {} if precompute_ref_logprobs else None
+        self.val = nn.ModuleDict({key: MeanMetric() for key in VAL_KEYS})
+        self.val_reward_chosen, self.val_reward_rejected = MeanMetric(), MeanMetric()
+
+    @property
+    def reference(self) -> nn.Module:
+        return self._frozen["reference"]
+
+    @property
+    def reward(self) -> Callable | None:
+        return self._frozen["reward"]
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The loss terms of a [2B, T] pair batch: `losses.dpo.dpo_loss`'s keys, plus the
+        implicit-reward accuracy and margin (means over the pairs)."""
+        mask = self._response_mask(batch)  # [2B, T]
+        policy = self._sequence_logprobs(self.policy, batch, mask)  # [2B], with grad
+        reference = self._reference_logprobs(batch, mask)  # [2B]
+        lengths = mask.sum(-1).float()  # [2B]
+        hp = self.hparams
+        out = dpo_loss(
+            *policy.chunk(2),
+            *reference.chunk(2),
+            beta=hp.beta,
+            loss_type=hp.loss_type,
+            label_smoothing=hp.label_smoothing,
+            margin=hp.margin,
+            length_chosen=lengths.chunk(2)[0],
+            length_rejected=lengths.chunk(2)[1],
+        )
+        out["implicit_accuracy"] = implicit_accuracy(out["reward_chosen"], out["reward_rejected"])
+        out["implicit_margin"] = (out["reward_chosen"] - out["reward_rejected"]).mean()
+        return out
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        for part, out in self.validation_parts(batch):
+            n = self.loss_count(part)
+            for key in VAL_KEYS:
+                self.val[key].update(out[key], weight=n)
+            self.val_reward_chosen.update(out["reward_chosen"])
+            self.val_reward_rejected.update(out["reward_rejected"])
+
+    def on_validation_epoch_end(self) -> None:
+        for key, metric in self.val.items():
+            prog_bar = key == "implicit_accuracy"
+            self.log(f"val/{key}", metric.compute(), prog_bar=prog_bar, sync_dist=True)
+            metric.reset()
+        for name, metric in (
+            ("val/reward_chosen", self.val_reward_chosen),
+            ("val/reward_rejected", self.val_reward_rejected),
+        ):
+            self.log(name, metric.compute(), sync_dist=True)
+            metric.reset()
+
+    def on_fit_start(self) -> None:
+        if self.hparams.disable_dropout:
+            train_without_dropout(self.policy)
+        else:
+            self.policy.train()
+        self.reference.to(self.device)
+        if hasattr(self.reward, "to"):
+            self.reward.to(self.device)
+        datasets = getattr(getattr(self.trainer, "datamodule", None), "datasets", None)
+        if self._ref_cache is not None and datasets:
+            self.precompute_reference(
+                [pair for split in ("train", "val") for pair in datasets.get(split, [])]
+            )
+
+    def on_train_epoch_start(self) -> None:
+        if self.hparams.disable_dropout:  # validation switched the policy back to train mode
+            train_without_dropout(self.policy)
+
+    # --- MicroBatchedModule: a unit is a pair (chosen row i, rejected row B + i) -------------
+    def units(self, batch: dict) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def unit_lengths(self, batch: dict) -> list[int]:
+        chosen, rejected = batch["attention_mask"].sum(-1).chunk(2)
+        return torch.maximum(chosen, rejected).tolist()
+
+    def select(self, batch: dict, idx: torch.Tensor) -> dict:
+        rows = torch.cat([idx, idx + self.units(batch)])  # chosen rows, then their rejected rows
+        return trimmed(batch, rows, KEYS)
+
+    def micro_loss(self, part: dict) -> dict[str, torch.Tensor]:
+        out = self(part)
+        for key in ("logratio_chosen", "logratio_rejected"):
+            out[key] = out[key].detach().mean()
+        out.pop("per_pair")
+        return out
+
+    def loss_count(self, part: dict) -> int:
+        return self.units(part)
+
+    def trained_parameters(self):
+        return [p for p in self.policy.parameters() if p.requires_grad]  # LoRA: the adapter
+
+    # --- helpers ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def precompute_reference(self, pairs: list[dict]) -> None:
+        """Fill the reference cache for encoded pairs (`data.preference.encode_pair` items)."""
+        from rlhf_lightning.data.preference import PreferenceCollator
+
+        collate = PreferenceCollator(self.tokenizer.pad_token_id)
+        size = self.forward_batch_size or 64
+        for start in range(0, len(pairs), size):
+            batch = collate(pairs[start : start + size])
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            self._reference_logprobs(batch, self._response_mask(batch))
+
+    def _response_mask(self, batch: dict) -> torch.Tensor:
+        """Response positions that are part of the response space: with allowed ids (an
+        enumerable task) a token outside them (the EOS after a fixed-length response) is not."""
+        mask = batch["response_mask"]
+        allowed = self.generation.allowed_token_ids
+        if allowed is not None:
+            mask = mask * torch.isin(batch["input_ids"], allowed.to(mask.device))
+        return mask
+
+    def _sequence_logprobs(self, model, batch: dict, mask: torch.Tensor) -> torch.Tensor:
+        """log p(y|u) [N] of each row, at the sampling temperature over the allowed ids."""
+        scores = response_logprobs(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            mask,
+            self.generation.temperature,
+            self.generation.allowed_token_ids,
+        )
+        return scores.logprobs.sum(-1)
+
+    def _reference_logprobs(self, batch: dict, mask: torch.Tensor) -> torch.Tensor:
+        """log p_ref(y|u) [N]: from the cache where present, else computed (and cached)."""
+        if self._ref_cache is None:
+            with torch.no_grad():
+                return self._chunked_reference(batch, mask, torch.arange(len(mask)))
+        keys = _row_keys(batch["input_ids"], batch["attention_mask"], mask)
+        missing = torch.tensor([i for i, k in enumerate(keys) if k not in self._ref_cache])
+        if len(missing):
+            with torch.no_grad():
+                values = self._chunked_reference(batch, mask, missing).tolist()
+            self._ref_cache.update({keys[i]: v for i, v in zip(missing.tolist(), values)})
+        return torch.tensor([self._ref_cache[k] for k in keys], device=mask.device)
+
+    def _chunked_reference(self, batch: dict, mask: torch.Tensor, rows: torch.Tensor):
+        def score(chunk: torch.Tensor) -> torch.Tensor:
+            sub = {**trimmed(batch, rows[chunk], KEYS[:2]), "response_mask": mask[rows[chunk]]}
+            sub["response_mask"] = sub["response_mask"][:, : sub["input_ids"].shape[1]]
+            return self._sequence_logprobs(self.reference, sub, sub["response_mask"])
+
+        size = 2 * self.forward_batch_size if self.forward_batch_size else None
+        return chunked(score, len(rows), size)
+
+
+def _row_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor):
+    """A hashable key per row: its real token ids and its response positions."""
+    keys = []
+    for ids, attn, resp in zip(input_ids.tolist(), attention_mask.tolist(), mask.tolist()):
+        n = sum(attn)
+        keys.append((tuple(ids[:n]), tuple(resp[:n])))
+    return keys

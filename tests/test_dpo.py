@@ -1,0 +1,222 @@
+"""`stage=dpo` on the TINY config: the loss starts at log 2, equals TRL's DPO loss (and implicit
+rewards and gradients) on a fixed batch, the cached reference changes nothing, the stage runs
+after SFT from the command line and saves an ordinary causal LM, and impossible values fail."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TINY, compose, train_cli, with_paths
+from omegaconf import open_dict
+from transformers import AutoModelForCausalLM
+
+from rlhf_lightning.artifacts import MANIFEST
+from rlhf_lightning.config import validate
+from rlhf_lightning.data.preference import PreferenceCollator, PreferenceDataModule
+from rlhf_lightning.errors import ArtifactError, ConfigError
+from rlhf_lightning.run import RunContext, run
+from rlhf_lightning.stages.dpo import build_dpo_module
+
+TINY_DPO = [*TINY, "dpo.max_epochs=1", "dpo.eval_samples=16"]
+
+
+@pytest.fixture(scope="module")
+def sft_ctx(tmp_path_factory):
+    """A TINY SFT artifact and a `RunContext` of `stage=dpo` that reads it."""
+    root = tmp_path_factory.mktemp("dpo_sft")
+    run(compose(["stage=sft", *TINY_DPO], root))
+    return RunContext(compose(["stage=dpo", *TINY_DPO], root))
+
+
+@pytest.fixture(scope="module")
+def pair_batch(sft_ctx):
+    """Eight validation pairs as one [16, T] batch, and their encoded items."""
+    data = PreferenceDataModule(sft_ctx.data, sft_ctx.tokenizer, max_length=128)
+    data.setup()
+    items = data.datasets["val"][:8]
+    return PreferenceCollator(sft_ctx.tokenizer.pad_token_id)(items), items
+
+
+def dpo_module(ctx, **overrides):
+    cfg = copy.deepcopy(ctx.cfg)
+    with open_dict(cfg):
+        for key, value in overrides.items():
+            cfg.dpo.module[key] = value
+    ctx = copy.copy(ctx)
+    ctx.cfg = cfg
+    return build_dpo_module(ctx)
+
+
+def perturb(model, seed: int = 0, scale: float = 0.05) -> None:
+    """Move the policy away from the reference, so ρ ≠ 0 and the loss is not trivially log 2."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def test_loss_is_log2_when_the_policy_is_the_reference(sft_ctx, pair_batch):
+    for loss_type in ("sigmoid", "robust"):
+        module = dpo_module(sft_ctx, loss_type=loss_type, label_smoothing=0.1)
+        out = module(pair_batch[0])
+        assert float(out["loss"].detach()) == pytest.approx(math.log(2), abs=1e-6)
+        assert out["logratio_chosen"].abs().max() < 1e-5
+        assert float(out["implicit_accuracy"]) == 0.5
+
+
+def test_cached_reference_changes_nothing(sft_ctx, pair_batch):
+    batch, items = pair_batch
+    cached, fresh = (dpo_module(sft_ctx, precompute_ref_logprobs=flag) for flag in (True, False))
+    cached.precompute_reference(items)
+    assert len(cached._ref_cache) == 2 * len(items)
+    for module in (cached, fresh):
+        perturb(module.policy)
+    losses = []
+    for module in (cached, fresh):
+        loss = module(batch)["loss"]
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.allclose(losses[0], losses[1], atol=1e-6) and losses[0] != math.log(2)
+    for a, b in zip(cached.policy.parameters(), fresh.policy.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
+# TRL 1.16's sigmoid loss has no label smoothing (cDPO): that case is checked by hand only
+@pytest.mark.parametrize(
+    ("loss_type", "label_smoothing"), [("sigmoid", 0.0), ("robust", 0.1), ("ipo", 0.0)]
+)
+def test_equals_trl_dpo_on_a_fixed_batch(sft_ctx, pair_batch, tmp_path, loss_type, label_smoothing):
+    """Loss, implicit rewards, accuracy, margin and every gradient equal TRL's `DPOTrainer` on the
+    same token ids (TRL's own collator), same policy and reference weights."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    batch, items = pair_batch
+    beta = 0.3
+    ours = dpo_module(
+        sft_ctx,
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+        precompute_ref_logprobs=False,
+    )
+    perturb(ours.policy)
+    policy, reference = copy.deepcopy(ours.policy), copy.deepcopy(ours.reference)
+    tokenizer = sft_ctx.tokenizer
+    text = [{"prompt": "a", "chosen": " b", "rejected": " c"}] * 2  # TRL's init needs a dataset
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        beta=beta,
+        loss_type=[loss_type],
+        label_smoothing=label_smoothing,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        max_length=None,
+    )
+    trainer = DPOTrainer(
+        model=policy,
+        ref_model=reference,
+        args=args,
+        train_dataset=Dataset.from_list(text),
+        processing_class=tokenizer,
+    )
+    examples = []
+    for item in items:
+        (pc, pr) = item["prompt_lengths"]
+        assert pc == pr  # no truncation in these pairs: one prompt for both sides
+        examples.append(
+            {
+                "prompt_ids": item["chosen"][:pc],
+                "chosen_ids": item["chosen"][pc:],
+                "rejected_ids": item["rejected"][pr:],
+            }
+        )
+    trl_batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(examples)
+    assert torch.equal(trl_batch["input_ids"], batch["input_ids"])
+    assert torch.equal(trl_batch["completion_mask"], batch["response_mask"])
+    trainer.model.train()
+    trl_loss = trainer.compute_loss(trainer.model, trl_batch)
+    trl_loss.backward()
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    ours.policy.train()
+    out = ours(batch)
+    out["loss"].backward()
+    assert float(out["loss"].detach()) == pytest.approx(float(trl_loss), rel=1e-5, abs=1e-6)
+    assert float(out["loss"].detach()) != pytest.approx(math.log(2), abs=1e-4)  # not vacuous
+    assert float(out["reward_chosen"].mean()) == pytest.approx(metrics["rewards/chosen"], abs=1e-5)
+    assert float(out["reward_rejected"].mean()) == pytest.approx(
+        metrics["rewards/rejected"], abs=1e-5
+    )
+    assert float(out["implicit_margin"]) == pytest.approx(metrics["rewards/margins"], abs=1e-5)
+    assert float(out["implicit_accuracy"]) == pytest.approx(metrics["rewards/accuracies"])
+    trl_grads = dict(trainer.model.named_parameters())
+    for name, p in ours.policy.named_parameters():
+        scale = float(p.grad.abs().max())  # fp32 round-off of two summation orders
+        assert scale > 0 and torch.allclose(p.grad, trl_grads[name].grad, atol=1e-5 * scale), name
+
+
+@pytest.mark.slow
+def test_dpo_after_sft_from_the_command_line(tmp_path):
+    """`train.py stage=sft` then `train.py stage=dpo`: an HF causal LM artifact with its manifest,
+    log 2 as the first training loss, the log-ratio curves and the evaluation callbacks' metrics."""
+    args = [*TINY_DPO, "dpo.batch_size=16", "callbacks.kl.every_n_steps=4"]
+    assert train_cli(["stage=sft", *args], tmp_path).returncode == 0
+    proc = train_cli(["stage=dpo", *args], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    artifact = tmp_path / "artifacts" / "reviews" / "dpo"
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    assert manifest["stage"] == "dpo" and "val/implicit_accuracy" in manifest["metrics"]
+    AutoModelForCausalLM.from_pretrained(artifact)  # transformers loads it as it is
+    [run_dir] = (tmp_path / "outputs" / "dpo").iterdir()
+    result = json.loads((run_dir / "result.json").read_text())["results"]["dpo"]
+    for key in ("gold_reward", "sft_gold_reward", "kl", "implicit_accuracy", "beta"):
+        assert math.isfinite(result[key]), key
+    rows = list(csv.DictReader((run_dir / "csv" / "dpo" / "metrics.csv").open()))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-5)
+    logged = {k for r in rows for k, v in r.items() if v}
+    for key in (
+        "train/logratio_chosen",
+        "train/logratio_rejected",
+        "val/logratio_chosen",
+        "val/implicit_accuracy",
+        "val/loss",
+        "eval/kl",
+        "eval/gold_reward",
+        "eval/implicit_accuracy",
+    ):
+        assert key in logged, key
+    assert (run_dir / "overoptimisation.json").exists()
+
+
+def test_dpo_without_sft_names_the_command(tmp_path):
+    with pytest.raises(ArtifactError, match="python train.py stage=sft"):
+        run(compose(["stage=dpo", *TINY_DPO], tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("dpo.beta=0", "dpo.beta"),
+        ("dpo.loss_type=hinge", "dpo.loss_type"),
+        ("dpo.label_smoothing=0.5", "dpo.label_smoothing"),
+        ("dpo.batch_size=0", "dpo.batch_size"),
+    ],
+)
+def test_impossible_dpo_values_fail_at_start(tmp_path, override, key):
+    cfg = with_paths(compose(["stage=dpo", *TINY_DPO, override]), tmp_path)
+    with pytest.raises(ConfigError, match=key):
+        validate(cfg)
+
+
+def test_dpo_artifact_paths(sft_ctx):
+    assert Path(sft_ctx.artifact("dpo", write=True)).name == "dpo"
