@@ -363,9 +363,12 @@ def test_reward_model_scores_a_training_pair_as_it_was_trained(pipeline):
 
 
 def test_policy_samples_stop_at_the_first_stop_token(pipeline):
-    _, _, cfg, ctx = pipeline
+    name, _, cfg, ctx = pipeline
     policy = ctx.model_spec.causal_lm(ctx.tokenizer, path=artifact(cfg, "policy"))
-    stops = torch.tensor(stop_token_ids(ctx.tokenizer, policy.generation_config))
+    stops = stop_token_ids(ctx.tokenizer, policy.generation_config)  # kept through sft and policy
+    expected = EXPECTED[name][2]
+    assert ctx.tokenizer.convert_ids_to_tokens(stops) == expected
+    stops = torch.tensor(stops)
     prompts = [r.prompt for r in ctx.data.load("prompts", "train", ctx.tokenizer).records][:8]
     settings_ = GenerationSettings(max_new_tokens=12)
     ids, _, response_mask, ended, width = sample(policy, ctx.tokenizer, prompts, 2, settings_)
