@@ -160,6 +160,7 @@ def _end_of_turn(tokenizer) -> list[int]:
         return []  # a template that cannot render the probe fails on the data with its own line
     tail = text[text.rfind(reply) + len(reply) :] if reply in text else ""
     special = set(tokenizer.all_special_ids)
-    special |= {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    special |= {i for i, t in added.items() if t.special}
     ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
     return [next(i for i in ids if i in special)] if special.intersection(ids) else []
