@@ -1,9 +1,10 @@
-# `make demo` runs the default job, `make test` the test suite; both create .venv on first use.
+# `make demo` runs the default job and evaluates it, `make test` the test suite; both create .venv
+# on first use.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo eval test lint format bench clean
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -16,6 +17,11 @@ install: $(BIN)/activate
 
 demo: install
 	$(BIN)/python train.py
+	$(BIN)/python eval.py
+
+eval: install
+	$(BIN)/python eval.py
+	$(BIN)/python eval.py mode=rm
 
 test: install
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q

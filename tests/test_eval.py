@@ -326,3 +326,21 @@ def test_eval_cli_error_is_one_line_with_exit_code_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: missing policy artifact")
     assert "python train.py" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("mode=policies", "mode="),
+        ("samples_per_prompt=0", "samples_per_prompt"),
+        ("best_of_n.max_samples=-2", "best_of_n.max_samples"),
+        ("data=jsonl", "data.path"),
+    ],
+)
+def test_bad_eval_value_fails_in_one_line_naming_the_key(override, named, tmp_path):
+    from rlhf_lightning.errors import ConfigError
+    from rlhf_lightning.evaluate.context import validate_eval
+
+    with pytest.raises(ConfigError, match=named) as err:
+        validate_eval(compose_eval([override], tmp_path, tmp_path / "out"))
+    assert "\n" not in str(err.value)

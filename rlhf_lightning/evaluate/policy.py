@@ -80,9 +80,9 @@ def evaluate_policy(ctx: EvalContext) -> dict:
         },
         "win_rates": _win_rates(sides, groups, k, boot),
     }
-    if exact is not None:
+    if exact is not None:  # enumerated: no sampling noise, so no interval
         for role in sides:
-            result["sides"][role]["kl_exact"] = {"mean": _exact_kl(exact, models[role])}
+            result["sides"][role].update(_exact(exact, models[role]))
     if "compare" in sides:
         result["paired"] = _paired(sides, groups, cfg.degenerate_ngram, need_end, boot)
     if cfg.best_of_n.enabled:
@@ -184,12 +184,16 @@ def _paired(sides, groups, ngram, need_end, boot) -> dict:
     return out
 
 
-def _exact_kl(exact, model) -> float:
-    from rlhf_lightning.analysis.optimum import kl_divergence
+def _exact(exact, model) -> dict:
+    """Exact KL(model ‖ reference) and expected gold reward, by enumerating the response space."""
+    from rlhf_lightning.analysis.optimum import expected_reward, kl_divergence
 
     with torch.no_grad():
-        table = exact.policy_logprobs(model).cpu()
-    return float(kl_divergence(table, exact.ref_logprobs).mean())
+        table = exact.policy_logprobs(model).cpu()  # [P, N] log p(y|u)
+    return {
+        "kl_exact": {"mean": float(kl_divergence(table, exact.ref_logprobs).mean())},
+        "reward/gold_exact": {"mean": float(expected_reward(table, exact.rewards).mean())},
+    }
 
 
 def _best_of_n(ctx, module, policy, judges, proxy_name, kl, boot) -> dict:

@@ -16,6 +16,7 @@ from rlhf_lightning.evaluate import plots
 ROWS = [  # (key in a side's metrics, what the table calls it)
     ("kl", "KL k1 (nats)"),
     ("kl_k3", "KL k3 (nats)"),
+    ("reward/gold_exact", "reward (gold), exact"),
     ("kl_exact", "KL exact (nats)"),
     ("response_length", "response length (tokens)"),
     ("eos_rate", "EOS rate"),

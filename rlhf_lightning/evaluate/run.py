@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from rlhf_lightning.evaluate.context import EvalContext, check_mode
+from rlhf_lightning.evaluate.context import EvalContext, validate_eval
 from rlhf_lightning.evaluate.report import scalars, summary_markdown, write_report
 from rlhf_lightning.run import (
     _finish_wandb,
@@ -20,7 +20,7 @@ from rlhf_lightning.run import (
 def run_eval(cfg: DictConfig) -> float:
     """Evaluate per `cfg.mode`; return the headline number (gold win rate, else the proxy's; in
     `mode=rm` the preference accuracy), which a Hydra sweeper can optimise."""
-    check_mode(cfg.mode)
+    validate_eval(cfg)
     quiet_third_party()
     import torch
 
