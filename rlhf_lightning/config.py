@@ -79,6 +79,7 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
     ("dpo.max_length", _sequence_length, _LENGTH),
     ("dpo.max_epochs", _positive_int, "an integer > 0"),
     ("dpo.eval_samples", _positive_int, "an integer > 0"),
+    ("policy.exact_reward", lambda x: x in ("gold", "preference"), "'gold' or 'preference'"),
     ("model.dtype", lambda x: x in DTYPES, f"one of {list(DTYPES)}"),
     ("algo.name", lambda x: x in ALGORITHMS, f"one of {list(ALGORITHMS)}"),
     ("algo.beta", _non_negative, "a number >= 0"),

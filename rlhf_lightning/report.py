@@ -33,6 +33,8 @@ COLUMNS = [
     "optimum_gap",
     "exact_kl",
     "exact_reward",
+    "kl_to_optimum",
+    "implicit_accuracy",
     "frontier_reward",
     "above_frontier",
     "closure",
@@ -53,23 +55,36 @@ def collect(sweep_dir: Path) -> list[dict]:
             rows.append({"job": job.name, "status": "failed", "error": "no result.json (killed?)"})
             continue
         record = json.loads(path.read_text())
-        last = record["results"].get(record["stages"][-1], {}) if record["results"] else {}
-        row = {
-            "job": job.name,
-            "status": record["status"],
-            "error": record.get("error"),
-            "overrides": " ".join(record.get("overrides", [])),
-            "algo": record.get("algo"),
-            "beta": last.get("beta", record.get("beta")),
-            **_metrics(last),
-        }
-        row["_frontier"] = last.get("frontier")
-        row["_curve"] = _curve(job)
-        rows.append(row)
+        for name, last in _routes(record):
+            row = {
+                "job": job.name if name is None else f"{job.name}/{name}",
+                "status": record["status"],
+                "error": record.get("error"),
+                "overrides": " ".join(record.get("overrides", [])),
+                "algo": last.get("algo", record.get("algo")),
+                "beta": last.get("beta", record.get("beta")),
+                **_metrics(last),
+            }
+            row["_frontier"] = last.get("frontier")
+            row["_curve"] = _curve(job)
+            rows.append(row)
     _add_closures(rows)
     _add_frontier(rows)
     _keep_swept_overrides(rows)
     return rows
+
+
+ROUTES = ("dpo", "policy")  # stages that end in a policy: one row each when a job runs both
+
+
+def _routes(record: dict) -> list[tuple[str | None, dict]]:
+    """(stage name or None, its results) per row of a job: the last stage, or each route stage
+    when the job ran several (`stage=dpo_vs_rlhf`: DPO and RLHF on the same pairs)."""
+    results = record.get("results") or {}
+    routes = [s for s in record["stages"] if s in ROUTES and s in results]
+    if len(routes) > 1:
+        return [(s, results[s]) for s in routes]
+    return [(None, results.get(record["stages"][-1], {}))]
 
 
 def _keep_swept_overrides(rows: list[dict]) -> None:
@@ -118,6 +133,8 @@ def _metrics(last: dict) -> dict:
         "exact_reward",
         "exact_objective",
         "reference_objective",
+        "kl_to_optimum",
+        "implicit_accuracy",
     ]
     return {k: last[k] for k in keys if k in last}
 
@@ -205,12 +222,14 @@ def _plot_frontier(rows: list[dict], path: Path) -> Path:
                 "k-",
                 label="optimal frontier (p*_β)",
             )
-        ax.plot(
-            [r["exact_kl"] for r in exact],
-            [r["exact_reward"] for r in exact],
-            "o",
-            label="jobs (exact)",
-        )
+        for algo in dict.fromkeys(r.get("algo") for r in exact):  # one marker per route
+            mine = [r for r in exact if r.get("algo") == algo]
+            ax.plot(
+                [r["exact_kl"] for r in mine],
+                [r["exact_reward"] for r in mine],
+                "o",
+                label=f"{algo or 'jobs'} (exact)",
+            )
     else:
         ax.plot(
             [r.get("kl") for r in done],

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, compose, train_cli, with_paths
+from helpers import TINY, TINY_MODEL, compose, train_cli, with_paths
 from omegaconf import open_dict
 from transformers import AutoModelForCausalLM
 
@@ -220,3 +220,70 @@ def test_impossible_dpo_values_fail_at_start(tmp_path, override, key):
 
 def test_dpo_artifact_paths(sft_ctx):
     assert Path(sft_ctx.artifact("dpo", write=True)).name == "dpo"
+
+
+ORACLE = [
+    "task=oracle",
+    "task.n_sft=400",
+    "task.n_sft_val=64",
+    "task.n_pairs_train=256",
+    "task.n_pairs_val=64",
+    "task.n_pairs_test=32",
+    *TINY_MODEL,
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "callbacks=none",
+    "dpo.eval_samples=16",
+]
+
+
+@pytest.mark.slow
+def test_oracle_dpo_moves_towards_p_dpo_star(tmp_path):
+    """On task=oracle the result holds the exact J, J* and KL(p_θ ‖ p_DPO*) at DPO's scale g/τ,
+    and DPO ends closer to p_DPO* than the reference started: KL_end < KL(p_ref ‖ p_DPO*)."""
+    beta = 0.5
+    overrides = ["sft.max_epochs=2", "dpo.max_epochs=8", "dpo.batch_size=16"]
+    cfg = compose(["stage=dpo_pipeline", *overrides, *ORACLE], tmp_path)
+    with open_dict(cfg):
+        cfg.dpo.beta = beta
+    run(cfg)
+    record = json.loads((Path(cfg.paths.output_dir) / "result.json").read_text())
+    result = record["results"]["dpo"]
+    start = (result["objective_star"] - result["reference_objective"]) / beta  # KL(p_ref‖p*)
+    assert result["kl_to_optimum"] == pytest.approx(result["optimum_gap"] / beta, rel=1e-4)
+    assert 0 <= result["kl_to_optimum"] < 0.8 * start
+    assert result["exact_objective"] <= result["objective_star"] + 1e-5
+    assert result["implicit_accuracy"] > 0.6
+
+
+def test_report_has_a_row_per_route(tmp_path):
+    """A job that ran both routes (stage=dpo_vs_rlhf) gives one report row each, named by stage,
+    with its algo, β and exact columns; a one-stage job keeps one row."""
+    from rlhf_lightning.report import collect
+
+    exact = {"exact_objective": 1.0, "objective_star": 2.0, "reference_objective": 0.0}
+    jobs = {
+        "0": {
+            "stages": ["sft", "rm", "dpo", "policy"],
+            "results": {
+                "sft": {"loss": 1.0},
+                "rm": {"accuracy": 0.8},
+                "dpo": {"algo": "dpo", "beta": 0.5, "kl_to_optimum": 0.3, **exact},
+                "policy": {"beta": 0.5, "kl_to_optimum": 0.2, **exact, "exact_objective": 1.5},
+            },
+            "algo": "rloo",
+        },
+        "1": {"stages": ["dpo"], "results": {"dpo": {"algo": "dpo", "beta": 1.0}}, "algo": "rloo"},
+    }
+    for name, record in jobs.items():
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        record.update({"status": "completed", "overrides": [f"algo.beta={name}"]})
+        (tmp_path / name / "result.json").write_text(json.dumps(record))
+    rows = collect(tmp_path)
+    assert [(r["job"], r["algo"]) for r in rows] == [
+        ("0/dpo", "dpo"),
+        ("0/policy", "rloo"),
+        ("1", "dpo"),
+    ]
+    assert [r.get("closure") for r in rows] == [0.5, 0.75, None]
+    assert rows[0]["kl_to_optimum"] == 0.3

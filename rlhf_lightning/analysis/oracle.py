@@ -22,6 +22,18 @@ from rlhf_lightning.analysis.optimum import (
     optimal_objective,
 )
 
+EXACT_REWARDS = ("gold", "preference")
+
+
+def exact_rewards(task, scale: str = "gold") -> Tensor | None:
+    """The reward table [P, N] the exact terms are about: None for "gold" (the task's table,
+    standardised under p_ref by `OracleEvaluator`), g/τ for "preference" — the reward the
+    Bradley–Terry labels at temperature τ identify (up to a per-prompt constant), which DPO's
+    implicit reward and an un-normalised reward model estimate."""
+    if scale not in EXACT_REWARDS:
+        raise ValueError(f"exact reward scale {scale!r}: expected one of {list(EXACT_REWARDS)}")
+    return None if scale == "gold" else task.raw_rewards() / task.temperature
+
 
 class OracleEvaluator:
     def __init__(self, task, tokenizer, reference, temperature: float = 1.0, rewards=None):

@@ -60,9 +60,9 @@ def build_dpo_module(ctx) -> DPOModule:
     if task is not None and hasattr(task, "allowed_token_ids"):  # enumerable task
         generation.allowed_token_ids = task.allowed_token_ids(tokenizer)
         generation.min_new_tokens = generation.max_new_tokens = task.length
-        from rlhf_lightning.analysis.oracle import OracleEvaluator
+        from rlhf_lightning.analysis.oracle import OracleEvaluator, exact_rewards
 
-        dpo_scale = task.raw_rewards() / task.temperature  # g/τ: what the labels identify
+        dpo_scale = exact_rewards(task, "preference")  # g/τ: what the labels identify
         exact = OracleEvaluator(task, tokenizer, reference, generation.temperature, dpo_scale)
     module = instantiate(
         cfg.module,

@@ -37,9 +37,10 @@ def build_policy_module(ctx) -> PolicyModule:
     if task is not None and hasattr(task, "allowed_token_ids"):  # enumerable task
         generation.allowed_token_ids = task.allowed_token_ids(tokenizer)
         generation.min_new_tokens = generation.max_new_tokens = task.length
-        from rlhf_lightning.analysis.oracle import OracleEvaluator
+        from rlhf_lightning.analysis.oracle import OracleEvaluator, exact_rewards
 
-        exact = OracleEvaluator(task, tokenizer, reference, generation.temperature)
+        rewards = exact_rewards(task, cfg.policy.get("exact_reward", "gold"))
+        exact = OracleEvaluator(task, tokenizer, reference, generation.temperature, rewards)
     algo_cfg = OmegaConf.to_container(cfg.algo)
     algo_cfg.pop("beta", None)
     module = PolicyModule(
