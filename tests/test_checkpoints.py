@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from layouts import EOT, LAYOUTS, broken, save_checkpoint, tokenizer_of
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from rlhf_lightning.config import validate
 from rlhf_lightning.data.batching import truncate
 from rlhf_lightning.data.chat import DEFAULT_CHAT_TEMPLATE, render_completion, render_prompt
 from rlhf_lightning.data.encoding import (
@@ -412,15 +413,15 @@ def test_a_reward_model_of_another_family_reads_the_text(rows, checkpoints, tmp_
 
 # ---- bad checkpoints and settings: one line at start-up, exit 2, nothing written -------------------
 
+# case -> (train.py arguments, or None: `broken(case)` as model.name_or_path; what the line names).
+# A folder without weights and rm/reward.max_length are checked in-process only (below).
 BAD = {
     "nonexistent": (["model=hf", "model.name_or_path=/nonexistent"], "/nonexistent"),
     "no_tokenizer": (None, "no tokenizer"),
-    "no_weights": (None, "no weights"),
     "no_tokens": (None, "turns text into no tokens"),
     "small_embeddings": (None, "embeddings"),
     "dtype": (["model.dtype=float17"], "model.dtype"),
     "sft_max_length": (["sft.max_length=1"], "sft.max_length"),
-    "rm_max_length": (["rm.max_length=3"], "rm.max_length"),
 }
 
 
@@ -431,7 +432,15 @@ def test_a_broken_checkpoint_is_refused_in_one_line(kind, rows, tmp_path):
         checkpoint_tokenizer(str(folder))
     message = str(err.value)
     assert message.startswith(f"model.name_or_path={folder}: ") and "\n" not in message
-    assert BAD[kind][1] in message and "fix: " in message
+    assert {"no_weights": "no weights"}.get(kind, BAD.get(kind, ("", ""))[1]) in message
+    assert "fix: " in message
+
+
+@pytest.mark.parametrize("key", ["sft.max_length", "rm.max_length", "reward.max_length"])
+def test_a_max_length_below_four_fails_at_start_up(key, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        validate(compose([f"{key}=3"], tmp_path))
+    assert str(err.value).startswith(f"{key}=3 is invalid: expected an integer >= 4")
 
 
 def test_a_missing_folder_is_refused_in_one_line():
