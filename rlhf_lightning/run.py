@@ -234,6 +234,7 @@ STAGE_WORK = {
     "sft": "supervised fine-tuning on demonstrations",
     "rm": "reward model (Bradley–Terry) on preference pairs",
     "policy": "RLHF from the SFT reference against the frozen reward",
+    "dpo": "direct preference optimisation on the pairs from the SFT reference",
 }
 
 
@@ -244,6 +245,9 @@ def _stage_line(ctx: RunContext, stage: str, number: int, total: int) -> str:
         algo, beta = OmegaConf.select(ctx.cfg, "algo.name"), OmegaConf.select(ctx.cfg, "algo.beta")
         reward = str(OmegaConf.select(ctx.cfg, "reward._target_")).rsplit(".", 1)[-1]
         what += f" ({algo}, β={beta}, {reward})"
+    if stage == "dpo":
+        dpo = ctx.cfg.dpo
+        what += f" ({dpo.loss_type}, β={dpo.beta})"
     return f"== [{number}/{total}] {stage}: {what} → {ctx.artifact(stage, write=True)}"
 
 
