@@ -88,6 +88,22 @@ def test_cached_reference_changes_nothing(sft_ctx, pair_batch):
 
 
 # TRL 1.16's sigmoid loss has no label smoothing (cDPO): that case is checked by hand only
+def test_micro_batches_give_the_full_batch_gradient(sft_ctx, pair_batch):
+    """The parts `MicroBatchedModule` cuts (pairs travel together, each part trimmed), weighted
+    by their pair counts as `microbatch.accumulate` weights them, give the full-batch gradient."""
+    batch, _ = pair_batch
+    full, micro = (dpo_module(sft_ctx, micro_batch_size=size) for size in (None, 3))
+    for module in (full, micro):
+        perturb(module.policy)
+    full(batch)["loss"].backward()
+    parts = micro.parts(batch)
+    assert [micro.loss_count(p) for p in parts] == [3, 3, 2]
+    for part in parts:
+        (micro.micro_loss(part)["loss"] * micro.loss_count(part) / 8).backward()
+    for a, b in zip(full.policy.parameters(), micro.policy.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6 * float(a.grad.abs().max()) + 1e-9)
+
+
 @pytest.mark.parametrize(
     ("loss_type", "label_smoothing"), [("sigmoid", 0.0), ("robust", 0.1), ("ipo", 0.0)]
 )
