@@ -34,14 +34,7 @@ BEST_OF_N_STREAM = EVAL_STREAM + 1  # best-of-n draws: never the same keys as th
 def evaluate_policy(ctx: EvalContext) -> dict:
     """Everything `mode=policy` reports (a JSON-ready dict; `report.py` writes and logs it)."""
     cfg = ctx.cfg
-    paths = {"policy": ctx.checkpoint("policy"), "reference": ctx.checkpoint("reference")}
-    if cfg.checkpoints.compare:
-        paths["compare"] = ctx.checkpoint("compare")
-    tokenizer = ctx.tokenizer = ctx.load_tokenizer(paths["policy"])
-    for role in paths:
-        if role != "policy":
-            check_same_vocabulary(tokenizer, ctx.load_tokenizer(paths[role]), f"policy and {role}")
-    models = {role: ctx.causal_lm(path, tokenizer) for role, path in paths.items()}
+    paths, tokenizer, models = _load_models(ctx)
     generation, exact = _generation(ctx, tokenizer, models["reference"])
     judges = ctx.judges()
     proxy_name = next(iter(judges))
@@ -52,17 +45,7 @@ def evaluate_policy(ctx: EvalContext) -> dict:
         reward=judges[proxy_name],
     )
     prompts, k = ctx.prompts(), cfg.samples_per_prompt
-    seeds = sample_seeds(cfg.seed, EVAL_STREAM, range(len(prompts)), k)
-    print(f"[eval] sampling {k} responses to {len(prompts)} prompts per side ({', '.join(paths)})")
-    sides = {
-        role: _score(sample_and_score(module, model, prompts, k, None, cfg.batch_size, seeds))
-        for role, model in models.items()
-    }
-    for side in sides.values():  # every judge scores every response (the proxy already did)
-        side["scores"] = {proxy_name: side.pop("proxy")}
-        for name, judge in judges.items():
-            if name != proxy_name:
-                side["scores"][name] = _numpy(judge(side["prompts"], side["responses"]))
+    sides = _sample_sides(ctx, module, models, prompts, judges)
     groups = stats.group_ids(sides["policy"]["prompts"])  # [R·k] cluster = prompt text
     boot = dict(n_resamples=cfg.bootstrap.n_resamples, seed=cfg.bootstrap.seed)
     need_end = generation.min_new_tokens < generation.max_new_tokens
@@ -75,7 +58,7 @@ def evaluate_policy(ctx: EvalContext) -> dict:
         "n_distinct_prompts": int(groups.max()) + 1,
         "samples_per_prompt": k,
         "sides": {
-            role: _side_metrics(side, groups, generation, cfg.degenerate_ngram, need_end, boot)
+            role: _side_metrics(side, groups, cfg.degenerate_ngram, need_end, boot)
             for role, side in sides.items()
         },
         "win_rates": _win_rates(sides, groups, k, boot),
@@ -102,6 +85,36 @@ def evaluate_policy(ctx: EvalContext) -> dict:
     return result
 
 
+def _load_models(ctx: EvalContext):
+    """({role: path}, the policy's tokenizer, {role: frozen causal LM}) for every side."""
+    paths = {"policy": ctx.checkpoint("policy"), "reference": ctx.checkpoint("reference")}
+    if ctx.cfg.checkpoints.compare:
+        paths["compare"] = ctx.checkpoint("compare")
+    tokenizer = ctx.tokenizer = ctx.load_tokenizer(paths["policy"])
+    for role in paths:
+        if role != "policy":
+            check_same_vocabulary(tokenizer, ctx.load_tokenizer(paths[role]), f"policy and {role}")
+    return paths, tokenizer, {role: ctx.causal_lm(path, tokenizer) for role, path in paths.items()}
+
+
+def _sample_sides(ctx: EvalContext, module, models, prompts, judges) -> dict:
+    """Each side's samples (the same keys on every side), scored by every judge (numpy [R·k])."""
+    cfg, k = ctx.cfg, ctx.cfg.samples_per_prompt
+    seeds = sample_seeds(cfg.seed, EVAL_STREAM, range(len(prompts)), k)
+    print(f"[eval] sampling {k} responses to {len(prompts)} prompts per side ({', '.join(models)})")
+    proxy_name = next(iter(judges))
+    sides = {}
+    for role, model in models.items():
+        out = sample_and_score(module, model, prompts, k, None, cfg.batch_size, seeds)
+        side = _score(out, module.generation.max_new_tokens)
+        side["scores"] = {proxy_name: side.pop("proxy")}  # every judge scores every response
+        for name, judge in judges.items():
+            if name != proxy_name:
+                side["scores"][name] = _numpy(judge(side["prompts"], side["responses"]))
+        sides[role] = side
+    return sides
+
+
 def _generation(ctx: EvalContext, tokenizer, reference):
     """Sampling settings (`generation`), fixed-length and restricted on an enumerable task, and
     that task's exact evaluator (which standardises its gold table under the reference)."""
@@ -116,13 +129,15 @@ def _generation(ctx: EvalContext, tokenizer, reference):
     return generation, OracleEvaluator(task, tokenizer, reference, generation.temperature)
 
 
-def _score(out: dict) -> dict:
+def _score(out: dict, max_new_tokens: int) -> dict:
     """sample_and_score's output as numpy [B] arrays; `ended` from its EOS flags where it gives
     them, else from length (a response without EOS runs to max_new_tokens)."""
     side = {k: out[k] for k in ("prompts", "responses")}
     for key in ("proxy", "kl", "kl_k3", "length"):
         side[key] = _numpy(out[key])
-    side["ended"] = _numpy(out["ended"]) if out.get("ended") is not None else None
+    ended = out.get("ended")
+    ended = side["length"] < max_new_tokens if ended is None else _numpy(ended)
+    side["ended"] = np.asarray(ended, dtype=np.float64)
     return side
 
 
@@ -130,11 +145,7 @@ def _numpy(x) -> np.ndarray:
     return x.detach().double().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def _side_metrics(side, groups, generation, ngram, need_end, boot) -> dict:
-    ended = side["ended"]
-    if ended is None:
-        ended = side["length"] < generation.max_new_tokens
-    side["ended"] = np.asarray(ended, dtype=np.float64)
+def _side_metrics(side, groups, ngram, need_end, boot) -> dict:
     flags = stats.degenerate_flags(side["responses"], side["ended"], ngram, need_end)
     values = {f"reward/{name}": s for name, s in side["scores"].items()}
     values.update(
