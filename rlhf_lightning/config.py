@@ -51,6 +51,10 @@ def _sequence_length(x) -> bool:
     return _positive_int(x) and x >= MIN_LENGTH
 
 
+def _null_or_positive_int(x) -> bool:
+    return x is None or _positive_int(x)
+
+
 # (key, check, what a valid value is)
 RULES: list[tuple[str, Callable[[object], bool], str]] = [
     ("seed", lambda x: isinstance(x, int) and not isinstance(x, bool), "an integer"),
@@ -96,6 +100,18 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
     ("data.val_fraction", _fraction, "a number in (0, 1)"),
     ("data.on_bad_row", lambda x: x in ("error", "skip"), "'error' or 'skip'"),
     ("data.max_chars", lambda x: x is None or _positive_int(x), "null or an integer > 0"),
+    *[  # micro-batching (rlhf_lightning/microbatch.py): null = the whole batch at once
+        (f"{stage}.{key}", _null_or_positive_int, "null or an integer > 0")
+        for stage in ("sft", "rm", "policy", "dpo")
+        for key in ("micro_batch_size", "max_tokens_per_micro_batch")
+    ],
+    ("policy.forward_batch_size", _null_or_positive_int, "null or an integer > 0"),
+    *[
+        (f"{s}.max_grad_norm", lambda x: x is None or _positive(x), "null or a number > 0")
+        for s in ("sft", "rm", "policy", "dpo")
+    ],
+    ("model.gradient_checkpointing", lambda x: isinstance(x, bool), "true or false"),
+    ("policy.shared_prefix", lambda x: isinstance(x, bool), "true or false"),
 ]
 
 

@@ -137,7 +137,9 @@ def test_model_spec_instantiates(option, tmp_path):
 def test_logger_instantiates(option, tmp_path):
     ctx = RunContext(compose_option("logger", option, tmp_path))
     logger = ctx._logger("rm")
-    expected = {"csv": CSVLogger, "wandb": WandbLogger, "tensorboard": TensorBoardLogger}.get(option)
+    expected = {"csv": CSVLogger, "wandb": WandbLogger, "tensorboard": TensorBoardLogger}.get(
+        option
+    )
     if expected is None:
         assert logger is False
         return
@@ -255,6 +257,10 @@ BAD_VALUES = [
     (["data=jsonl"], "data.path"),
     (["data=jsonl", "data.path=x.jsonl", "data.val_fraction=1.0"], "data.val_fraction"),
     (["stage=policy", "algo=exact"], "task=oracle"),
+    (["rm.micro_batch_size=0"], "rm.micro_batch_size"),
+    (["sft.max_tokens_per_micro_batch=2.5"], "sft.max_tokens_per_micro_batch"),
+    (["policy.forward_batch_size=-1"], "policy.forward_batch_size"),
+    (["model.gradient_checkpointing=3"], "model.gradient_checkpointing"),
 ]
 
 

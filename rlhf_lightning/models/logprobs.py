@@ -152,6 +152,11 @@ class ResponseScores(NamedTuple):
     hidden: Tensor | None
 
 
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions counted over real tokens only (left padding gets 0), as `generate` uses."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
 def response_logprobs(
     model,
     input_ids: Tensor,
@@ -163,13 +168,15 @@ def response_logprobs(
     entropy: bool = False,
     hidden: bool = False,
     chunk_tokens: int = CHUNK_TOKENS,
+    shared_prefix: tuple[int, int] | None = None,
 ) -> ResponseScores:
     """log p of the response tokens of a batch with logits at response positions only.
 
     Shapes: input_ids, attention_mask, response_mask [B, T] -> logprobs [B, T] float32 (aligned
     as `aligned_logprobs`: position t from the prediction at t−1; 0 where `response_mask` is 0 and
     at t = 0), entropy [B, T] of softmax(z/T) at the same positions (detached; `entropy=True`),
-    hidden [B, T, H] the backbone's last hidden states (`hidden=True`, e.g. a value head).
+    hidden [B, T, H] the backbone's last hidden states (`hidden=True`, e.g. a value head; with a
+    shared prefix, zeros before column Tp − 1). shared_prefix: (k, Tp), see the module docstring.
     Gradients flow into the model unless called under `torch.no_grad()`.
     """
     predict = response_mask[:, 1:].bool()  # [B, T-1]: column t-1 predicts token t
@@ -179,8 +186,15 @@ def response_logprobs(
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     with context:
         if hf is not None and _head_is_exact(hf):
-            states = hf.base_model(**kwargs).last_hidden_state  # [B, T, H]
-            features, project = states[rows, cols], hf.get_output_embeddings()  # [N, H]
+            if shared_prefix is not None and _can_share(hf, input_ids, shared_prefix):
+                k, width = shared_prefix
+                tail = _shared_prefix_states(hf, input_ids, attention_mask, k, width)
+                features = tail[rows, cols - (width - 1)]  # [N, H]; cols >= width - 1
+                states = _left_zeros(tail, width - 1) if hidden else None
+            else:
+                states = hf.base_model(**kwargs).last_hidden_state  # [B, T, H]
+                features = states[rows, cols]  # [N, H]
+            project = hf.get_output_embeddings()
         else:  # the model's own logits, for the response span only
             keep = input_ids.shape[1] - int(cols.min()) if len(cols) else 1
             out = _forward_keeping(model, kwargs, keep, hidden)
@@ -298,3 +312,114 @@ def _head_is_exact(hf: PreTrainedModel) -> bool:
             module.training = mode
     hf._rlhf_head_is_exact = bool(exact)
     return hf._rlhf_head_is_exact
+
+
+# ---- shared prefixes ---------------------------------------------------------------------------
+
+
+def _shared_prefix_states(hf, input_ids: Tensor, attention_mask: Tensor, k: int, width: int):
+    """Backbone states [B, T − Tp + 1, H] at columns Tp−1 … T−1 of k-row groups sharing [:Tp].
+
+    The prompt [G, Tp] (left-padded) runs once per group with a cache; the cache is expanded to the
+    B = G·k rows and the responses [B, T − Tp] run against it, positions continuing the prompt's.
+    """
+    backbone = hf.base_model
+    prompt, prompt_mask = input_ids[::k, :width], attention_mask[::k, :width]  # [G, Tp]
+    first = backbone(
+        input_ids=prompt,
+        attention_mask=prompt_mask,
+        position_ids=position_ids(prompt_mask),
+        use_cache=True,
+    )
+    cache = _cache_of(first)
+    cache.batch_repeat_interleave(k)  # [G, …] -> [B, …], rows grouped as the input's
+    start = prompt_mask.sum(-1).repeat_interleave(k)[:, None]  # [B, 1] real prompt tokens
+    positions = start + torch.arange(input_ids.shape[1] - width, device=input_ids.device)
+    second = backbone(
+        input_ids=input_ids[:, width:],
+        attention_mask=attention_mask,
+        position_ids=positions,
+        use_cache=True,
+        **{_cache_kwarg(backbone): cache},
+    )
+    last_prompt = first.last_hidden_state[:, -1:].repeat_interleave(k, dim=0)  # [B, 1, H]
+    return torch.cat([last_prompt, second.last_hidden_state], dim=1)
+
+
+def _left_zeros(tail: Tensor, columns: int) -> Tensor:
+    return torch.cat([tail.new_zeros(tail.shape[0], columns, tail.shape[2]), tail], dim=1)
+
+
+def _cache_of(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def _cache_kwarg(backbone) -> str:
+    try:
+        names = inspect.signature(backbone.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in names else "past_key_values"
+
+
+_SAID: set[str] = set()
+
+
+def _fall_back(hf, why: str) -> bool:
+    name = type(hf).__name__
+    if name + why not in _SAID:
+        _SAID.add(name + why)
+        print(f"[shared-prefix] {name}: {why}; using the plain forward (same numbers, more work)")
+    return False
+
+
+def _can_share(hf, input_ids: Tensor, shared_prefix: tuple[int, int]) -> bool:
+    """Whether this call may take the shared-prefix path (else the plain one, said once)."""
+    k, width = shared_prefix
+    rows, columns = input_ids.shape
+    if k < 2 or rows % k or not 0 < width < columns:
+        return False
+    grouped = input_ids[:, :width].view(rows // k, k, width)
+    if not bool((grouped == grouped[:, :1]).all()):  # rows of a group must share the prompt
+        return False
+    checkpointed = any(
+        getattr(m, "gradient_checkpointing", False) and m.training for m in hf.modules()
+    )
+    if torch.is_grad_enabled() and checkpointed:
+        return _fall_back(hf, "activation checkpointing drops the cache in the backward pass")
+    return _shared_prefix_is_exact(hf)
+
+
+def _shared_prefix_is_exact(hf) -> bool:
+    """A one-time probe per model object: shared-prefix states equal the plain pass's (eval mode,
+    2 prompts × 2 responses, one prompt left-padded)."""
+    cached = getattr(hf, "_rlhf_shared_prefix_is_exact", None)
+    if cached is not None:
+        return cached
+    modes = [(m, m.training) for m in hf.modules()]
+    device = next(hf.parameters()).device
+    vocab, pad = hf.get_input_embeddings().num_embeddings, hf.config.pad_token_id
+    tokens = [i for i in range(1, 12) if i != pad and i < vocab]
+    ids = torch.tensor([tokens[:7]] * 2 + [tokens[3:10]] * 2, device=device)  # [4, 7], Tp = 4
+    mask = torch.ones_like(ids)
+    mask[2:, :1] = 0  # the second prompt is left-padded
+    mask[1, 6:] = 0  # a response that ended early
+    exact = False
+    try:
+        hf.eval()
+        with torch.no_grad():
+            plain = hf.base_model(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)
+            ).last_hidden_state[:, 3:]
+            shared = _shared_prefix_states(hf, ids, mask, 2, 4)
+        real = mask[:, 3:].bool()
+        exact = bool(torch.allclose(plain[real], shared[real], rtol=1e-4, atol=1e-5))
+        why = "its shared-prefix states differ from the plain pass"
+    except Exception as err:  # no external cache, or another cache layout
+        why = f"it cannot run a prompt's cache against its responses ({type(err).__name__})"
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    hf._rlhf_shared_prefix_is_exact = exact or _fall_back(hf, why)
+    return hf._rlhf_shared_prefix_is_exact

@@ -48,6 +48,9 @@ class PolicyModule(L.LightningModule):
     forward/backward inside each minibatch (`microbatch.py`; None: the whole minibatch).
     forward_batch_size: sequences per no-grad pass (generation, log p_old, log p_ref, values, the
     reward) and per evaluation call (None: the whole rollout). Neither changes the result.
+    shared_prefix: run each prompt once per group of k samples in every pass over whole groups
+    (log p_old, log p_ref, values, and the update when its minibatch keeps the groups; see
+    `models/logprobs.py`); same numbers, less work on long prompts.
     """
 
     stage_name = "policy"
@@ -71,6 +74,7 @@ class PolicyModule(L.LightningModule):
         micro_batch_size: int | None = None,
         forward_batch_size: int | None = None,
         max_tokens_per_micro_batch: int | None = None,
+        shared_prefix: bool = True,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -86,6 +90,7 @@ class PolicyModule(L.LightningModule):
         self.exact, self.seed = exact, seed
         self.micro_batch_size, self.forward_batch_size = micro_batch_size, forward_batch_size
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
+        self.shared_prefix = shared_prefix
 
     @property
     def reference(self) -> nn.Module:
@@ -159,6 +164,8 @@ class PolicyModule(L.LightningModule):
         `old_logprobs=False` leaves `logprobs` and `entropy` to the update (`_fused_update`).
         """
         k, gen, size = self.algorithm.group_size, self.generation, self.forward_batch_size
+        if size is not None and self.shared_prefix:  # chunks of whole groups
+            size = max(k, size - size % k)
         seeds = None
         if keys is not None:
             seeds = sample_seeds(self.seed, self._rollouts_done(), keys, k)
@@ -168,6 +175,7 @@ class PolicyModule(L.LightningModule):
                 self.policy, self.tokenizer, prompts, k, gen, seeds, batch_size=size
             )
         rows = len(ids)
+        shared = (k, width) if self.shared_prefix else None  # rows come in groups of k
 
         def policy_pass(r):  # log p_old, its entropy and V(s) of rows r
             out = forward_logprobs(
@@ -177,6 +185,7 @@ class PolicyModule(L.LightningModule):
                 gen.allowed_token_ids,
                 entropy=True,
                 hidden=self.value_head is not None,
+                shared_prefix=shared,
             )
             values = self._values(out.hidden) if out.hidden is not None else None
             return out.logprobs, out.entropy, values
@@ -189,6 +198,7 @@ class PolicyModule(L.LightningModule):
                 resp_mask[r],
                 gen.temperature,
                 gen.allowed_token_ids,
+                shared_prefix=shared,
             ).logprobs
 
         with shape_on_failure(self, {"input_ids": ids[:size]}):
@@ -220,6 +230,7 @@ class PolicyModule(L.LightningModule):
             entropy=entropy,
             values=values,
             prompt_width=width,
+            group_size=k,
         )
 
     def advantages(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -251,6 +262,7 @@ class PolicyModule(L.LightningModule):
                 self.generation.temperature,
                 self.generation.allowed_token_ids,
                 hidden=self.value_head is not None,
+                shared_prefix=self._shared(mb),
             )
         policy_loss, clipfrac, approx_kl = ppo_policy_loss(
             logprobs, mb.logprobs, advantages, mb.response_mask, self.algorithm.clip_range
@@ -304,18 +316,32 @@ class PolicyModule(L.LightningModule):
 
     def _micro_batches(self, rollout, advantages, returns, idx) -> list[tuple]:
         """(rollout rows, advantages, returns) of each micro-batch of minibatch rows `idx`,
-        with the columns that are padding in every row of it trimmed off."""
-        lengths = rollout.attention_mask[idx].sum(-1).tolist()
+        with the columns that are padding in every row of it trimmed off. When `idx` keeps the
+        rollout's groups whole and in order (one minibatch) and prefixes are shared, micro-batches
+        are whole groups (the unit of `plan` is then a group of k rows)."""
+        k = rollout.group_size
+        grouped = self.shared_prefix and k > 1 and torch.equal(idx.cpu(), torch.arange(len(idx)))
+        unit = k if grouped else 1
+        lengths = rollout.attention_mask[idx].sum(-1).view(-1, unit).max(-1).values.tolist()
+        size = self.micro_batch_size
+        size = None if size is None else max(1, size // unit)
+        budget = self.max_tokens_per_micro_batch
+        budget = None if budget is None else max(1, budget // unit)
         parts = []
-        for local in plan(
-            len(idx), self.micro_batch_size, lengths, self.max_tokens_per_micro_batch
-        ):
-            rows = idx[local.to(idx.device)]
-            sub = rollout.select(rows)
+        for units in plan(len(lengths), size, lengths, budget):
+            local = (units[:, None] * unit + torch.arange(unit)).flatten().to(idx.device)
+            rows = idx[local]
+            sub = rollout.select(rows, group_size=unit)
             cols = trim_columns(sub.attention_mask)
             ret = None if returns is None else returns[rows][:, cols]
             parts.append((sub.columns(cols), advantages[rows][:, cols], ret))
         return parts
+
+    def _shared(self, mb: Rollout) -> tuple[int, int] | None:
+        """(k, Tp) when the rows of `mb` are whole groups sharing their prompt columns."""
+        if not self.shared_prefix or mb.group_size < 2:
+            return None
+        return mb.group_size, mb.prompt_width
 
     def _optimise(self, optimizer, parts, loss_of, count_of) -> dict[str, torch.Tensor]:
         """One optimiser step on the global-mean loss over micro-batches `parts`."""
@@ -354,6 +380,7 @@ class PolicyModule(L.LightningModule):
                 gen.temperature,
                 gen.allowed_token_ids,
                 entropy=True,
+                shared_prefix=self._shared(rollout),
             )
         rollout.logprobs, rollout.entropy = logprobs.detach(), entropy
         advantages, returns = self.advantages(rollout)

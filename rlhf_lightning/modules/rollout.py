@@ -19,6 +19,7 @@ from rlhf_lightning.distributed import rank_offset
 from rlhf_lightning.models.logprobs import (
     AllowedTokensLogitsProcessor,
     ResponseScores,
+    position_ids,
     response_logprobs,
 )
 
@@ -55,6 +56,7 @@ class Rollout:
     entropy: Tensor | None  # [B, T] per-token entropy of p_old (None: left to the update)
     values: Tensor | None = None  # [B, T] value estimates (PPO)
     prompt_width: int = 0  # Tp: response tokens start at column Tp
+    group_size: int = 1  # rows g·k … g·k+k−1 share their prompt columns [:Tp] (1: no claim)
 
     def columns(self, cols: slice) -> Rollout:
         """Columns `cols` of every [B, T] tensor (e.g. padding trimmed off a micro-batch)."""
@@ -67,8 +69,8 @@ class Rollout:
         out["prompt_width"] = max(0, self.prompt_width - (cols.start or 0))
         return Rollout(**out)
 
-    def select(self, idx: Tensor) -> Rollout:
-        """The rows `idx` (a minibatch)."""
+    def select(self, idx: Tensor, group_size: int = 1) -> Rollout:
+        """The rows `idx` (a minibatch); `group_size`: the groups `idx` keeps whole, in order."""
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -78,12 +80,8 @@ class Rollout:
                 out[f.name] = [value[i] for i in idx.tolist()]
             else:
                 out[f.name] = value
+        out["group_size"] = group_size
         return Rollout(**out)
-
-
-def position_ids(attention_mask: Tensor) -> Tensor:
-    """Positions counted over real tokens only (left padding gets 0), as `generate` uses."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def forward_logprobs(
@@ -95,12 +93,14 @@ def forward_logprobs(
     allowed_token_ids=None,
     entropy: bool = False,
     hidden: bool = False,
+    shared_prefix: tuple[int, int] | None = None,
 ) -> ResponseScores:
     """Per-token log p of the response tokens [B, T] (0 elsewhere), their entropies and the
     backbone's hidden states, with logits at response positions only (`response_logprobs`).
 
     `logprobs[:, t]` is log p(input_ids[:, t] | input_ids[:, :t]); positions are counted over
-    real tokens (`position_ids`), as `generate` counts them.
+    real tokens (`position_ids`), as `generate` counts them. `shared_prefix` (k, Tp): groups of
+    k rows share their prompt, which then runs once per group (`response_logprobs`).
     """
     return response_logprobs(
         model,
@@ -112,6 +112,7 @@ def forward_logprobs(
         position_ids=position_ids(attention_mask),
         entropy=entropy,
         hidden=hidden,
+        shared_prefix=shared_prefix,
     )
 
 

@@ -61,6 +61,7 @@ def build_policy_module(ctx) -> PolicyModule:
         micro_batch_size=cfg.policy.micro_batch_size,
         forward_batch_size=cfg.policy.forward_batch_size,
         max_tokens_per_micro_batch=cfg.policy.max_tokens_per_micro_batch,
+        shared_prefix=cfg.policy.shared_prefix,
     )
     module.identity = {
         "sft_sha256": content_hash(sft_path),
