@@ -176,6 +176,11 @@ def test_default_train_run_is_quiet_and_names_what_to_open(trained):
     for noise in ("DeprecationWarning", "FutureWarning", "is deprecated", "wandb: WARNING"):
         assert noise not in output, output
     assert not [line for line in output.splitlines() if "][INFO]" in line or " INFO " in line]
+    # nothing but our own lines: no library prints at all (TINY turns the progress bar off)
+    assert proc.stderr == ""
+    ours = ("== ", "[sft] ", "[rm] ", "[policy] ", "run directory: ", "plots: ", "reports: ")
+    ours += ("wandb (offline): ", "next: python eval.py")
+    assert [line for line in proc.stdout.splitlines() if line and not line.startswith(ours)] == []
     for stage, number in (("sft", 1), ("rm", 2), ("policy", 3)):
         assert f"== [{number}/3] {stage}:" in proc.stdout
     assert "plots: " in proc.stdout and "overoptimisation.png" in proc.stdout
