@@ -151,8 +151,9 @@ class DPOModule(MicroBatchedModule):
                 [pair for split in ("train", "val") for pair in datasets.get(split, [])]
             )
 
-    def on_train_epoch_start(self) -> None:
-        if self.hparams.disable_dropout:  # validation switched the policy back to train mode
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # validation and the evaluation callbacks switch modes; every step trains without dropout
+        if self.hparams.disable_dropout:
             train_without_dropout(self.policy)
 
     # --- MicroBatchedModule: a unit is a pair (chosen row i, rejected row B + i) -------------
