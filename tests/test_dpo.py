@@ -303,3 +303,19 @@ def test_report_has_a_row_per_route(tmp_path):
     ]
     assert [r.get("closure") for r in rows] == [0.5, 0.75, None]
     assert rows[0]["kl_to_optimum"] == 0.3
+
+
+@pytest.mark.slow
+def test_dpo_beta_sweep_reports_a_row_per_job(tmp_path):
+    """`train.py -m stage=dpo dpo.beta=…` after one SFT: a report row per β with KL, gold and the
+    implicit accuracy, named as DPO."""
+    run(compose(["stage=sft", *TINY_DPO], tmp_path))
+    sweep = tmp_path / "sweep"
+    args = ["-m", "stage=dpo", "dpo.beta=0.1,1", "callbacks=none", *TINY_DPO]
+    proc = train_cli([*args, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader((sweep / "report.csv").open()))
+    assert [(r["algo"], float(r["beta"])) for r in rows] == [("dpo", 0.1), ("dpo", 1.0)]
+    for row in rows:
+        assert row["status"] == "completed"
+        assert all(math.isfinite(float(row[k])) for k in ("kl", "gold_reward", "implicit_accuracy"))
