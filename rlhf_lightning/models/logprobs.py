@@ -275,7 +275,7 @@ def head_model(model):
     if isinstance(model, AdapterDisabledReference):
         return _unwrap_peft(model.policy), model.adapter_off()
     inner = _unwrap_peft(model)
-    if isinstance(inner, PreTrainedModel) and inner.get_output_embeddings() is not None:
+    if isinstance(inner, PreTrainedModel):
         return inner, contextlib.nullcontext()
     return None, contextlib.nullcontext()
 
@@ -291,7 +291,7 @@ def _head_is_exact(hf: PreTrainedModel) -> bool:
     cached = getattr(hf, "_rlhf_head_is_exact", None)
     if cached is not None:
         return cached
-    if hf.base_model is hf:  # no separate backbone to call
+    if hf.base_model is hf or hf.get_output_embeddings() is None:  # no backbone + head to call
         hf._rlhf_head_is_exact = False
         return False
     modes = [(m, m.training) for m in hf.modules()]

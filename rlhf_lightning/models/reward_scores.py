@@ -10,6 +10,12 @@ otherwise round to ties (measured: an untrained tiny RM's val/accuracy 0.30 in b
 fp32 on the same pairs). Training (`RewardModelModule`) and scoring (`LearnedReward`) both call
 `reward_scores`, so a sample is scored exactly as its kind was trained. A model whose logits are
 not `score(backbone(x))` is found by a one-time check and scored through its own forward.
+
+Shared prompts (`groups`): the rows of each group (a preference pair's chosen and rejected, or
+the k samples of one prompt) are one prompt with different responses. Then the prompt runs once
+per group and the responses against its expanded KV cache (`logprobs._shared_prefix_states`),
+gradients of the prompt accumulating from every response — the same scores, less work. Rows whose
+prompt tokens differ inside a group (truncation cut them differently) take the plain pass.
 """
 
 from __future__ import annotations
@@ -17,16 +23,63 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rlhf_lightning.models.logprobs import head_model
+from rlhf_lightning.models.logprobs import _can_share, _shared_prefix_states, head_model
 
 
-def reward_scores(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Scores [N] float32 of N right-padded sequences [N, T] (gradients flow unless no_grad)."""
+def reward_scores(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_mask: Tensor | None = None,
+    groups: Tensor | None = None,
+) -> Tensor:
+    """Scores [N] float32 of N right-padded sequences [N, T] (gradients flow unless no_grad).
+
+    groups [G, k]: row indices whose sequences share a prompt (with `response_mask` [N, T], 1 on
+    response tokens, saying where each prompt ends): the prompt then runs once per group.
+    """
     hf, context = head_model(model)
     with context:
         if hf is None or not _score_head_is_exact(hf):
             return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+        if groups is not None and response_mask is not None:
+            regrouped = regroup(input_ids, attention_mask, response_mask, groups)
+            k = groups.shape[1]
+            if regrouped is not None and _can_share(hf, regrouped[0], (k, regrouped[2])):
+                ids, mask, width, lengths = regrouped
+                tail = _shared_prefix_states(hf, ids, mask, k, width)  # [N, 1 + Tr, H]
+                h = tail[torch.arange(len(lengths), device=ids.device), lengths]  # [N, H]
+                scores = _float_score(hf.score, h)  # in group order
+                return torch.empty_like(scores).index_put((groups.flatten(),), scores)
         return reward_scores_unchecked(hf, input_ids, attention_mask)
+
+
+def regroup(input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, groups: Tensor):
+    """Right-padded rows [N, T] laid out as `[left-padded prompt | right-padded response]` in
+    group order (row groups[g, j] at g·k + j): (ids, mask, prompt width Tp, response lengths [N]),
+    or None when the rows of a group do not share their prompt tokens."""
+    rows = groups.flatten()  # [N] in group order
+    ids, mask, response = input_ids[rows], attention_mask[rows], response_mask[rows].bool()
+    starts = response.long().argmax(-1)  # [N] prompt lengths (first response column)
+    lengths = mask.sum(-1) - starts  # [N] response tokens
+    k, width = groups.shape[1], int(starts.max())
+    first = starts.view(-1, k)
+    if not bool((first == first[:, :1]).all()):
+        return None
+    columns = torch.arange(width, device=ids.device)
+    prompt = ids[:, :width].masked_fill(columns >= starts[:, None], 0)  # [N, Tp]
+    grouped = prompt.view(-1, k, width)
+    if not bool((grouped == grouped[:, :1]).all()):
+        return None
+    span = int(lengths.max())
+    out = ids.new_zeros(len(rows), width + span)
+    out_mask = torch.zeros_like(out)
+    for i, (p, n) in enumerate(zip(starts.tolist(), lengths.tolist(), strict=True)):
+        out[i, width - p : width] = ids[i, :p]  # left-padded prompt
+        out_mask[i, width - p : width] = 1
+        out[i, width : width + n] = ids[i, p : p + n]  # right-padded response
+        out_mask[i, width : width + n] = 1
+    return out, out_mask, width, lengths
 
 
 def last_real_token(attention_mask: Tensor) -> Tensor:
