@@ -243,3 +243,34 @@ def test_runs_with_the_switch_on_equal_runs_with_it_off(case, tmp_path):
     for stage in ("rm", "policy"):
         assert _max_diff(_weights(roots["false"], stage), _weights(roots["true"], stage)) <= TOL
     assert _max_diff(_weights(roots["true"], "policy"), _weights(roots["true"], "sft")) > 1e-3
+
+
+def test_generation_prefills_each_prompt_once_and_draws_the_same_samples():
+    from rlhf_lightning.models.tokenizer import build_tokenizer
+    from rlhf_lightning.modules import rollout
+
+    tokenizer = build_tokenizer(["the plot was great . a dull film , and slow ."] * 20, 300)
+    config = CONFIGS["llama"]()
+    config.vocab_size, config.pad_token_id = len(tokenizer), tokenizer.pad_token_id
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    prompts = ["the plot was", "a dull film , and"]
+    settings = rollout.GenerationSettings(max_new_tokens=6)
+    seeds = rollout.sample_seeds(0, 0, [0, 1], 3)
+    prefills = []
+    original = rollout.prefill_once
+
+    def counted(model, prompt_ids, prompt_mask, k):
+        out = original(model, prompt_ids, prompt_mask, k)
+        prefills.append((len(prompt_ids), k, bool(out)))
+        return out
+
+    rollout.prefill_once = counted
+    try:
+        plain = rollout.sample(model, tokenizer, prompts, 3, settings, seeds)
+        shared = rollout.sample(model, tokenizer, prompts, 3, settings, seeds, shared_prefix=True)
+    finally:
+        rollout.prefill_once = original
+    assert prefills == [(6, 1, False), (6, 3, True)]  # the second: 2 prompts, expanded to 6 rows
+    for a, b in zip(plain, shared, strict=True):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b

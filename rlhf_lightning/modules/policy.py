@@ -172,7 +172,9 @@ class PolicyModule(L.LightningModule):
         n = len(prompts) * k if size is None else min(size, len(prompts) * k)
         with shape_on_failure(self, f"{n} sequences × prompt + {gen.max_new_tokens} new tokens"):
             ids, attn, resp_mask, ended, width = sample(
-                self.policy, self.tokenizer, prompts, k, gen, seeds, batch_size=size
+                *(self.policy, self.tokenizer, prompts, k, gen, seeds),
+                batch_size=size,
+                shared_prefix=self.shared_prefix,
             )
         rows = len(ids)
         shared = (k, width) if self.shared_prefix else None  # rows come in groups of k

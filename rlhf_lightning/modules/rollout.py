@@ -19,6 +19,10 @@ from rlhf_lightning.distributed import rank_offset
 from rlhf_lightning.models.logprobs import (
     AllowedTokensLogitsProcessor,
     ResponseScores,
+    _cache_kwarg,
+    _cache_of,
+    _can_share,
+    head_model,
     position_ids,
     response_logprobs,
 )
@@ -195,6 +199,7 @@ def sample(
     settings: GenerationSettings,
     seeds: list[int] | None = None,
     batch_size: int | None = None,
+    shared_prefix: bool = False,
 ):
     """Draw `group_size` responses per prompt with KV-cached batched generation.
 
@@ -203,7 +208,8 @@ def sample(
     the first EOS are masked and padded. With `seeds` ([B], see `sample_seeds`) each sample draws
     from its own random stream (`KeyedGumbelSampling`); without, from the global RNG.
     `batch_size`: sequences per `generate` call (None: all at once); every chunk is laid out at
-    the same prompt width, so keyed samples do not depend on it.
+    the same prompt width, so keyed samples do not depend on it. `shared_prefix`: each distinct
+    prompt is prefilled once (`prefill_once`; `batch_size` must then hold whole groups).
     """
     if seeds is not None and len(seeds) != len(prompts) * group_size:
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts × {group_size} samples")
@@ -224,7 +230,10 @@ def sample(
     for rows in torch.arange(len(prompt_ids)).split(batch_size or len(prompt_ids)):
         chunk_seeds = None if seeds is None else [seeds[i] for i in rows.tolist()]
         out = _generate(
-            policy, tokenizer, prompt_ids[rows], prompt_mask[rows], settings, chunk_seeds
+            policy,
+            tokenizer,
+            *(prompt_ids[rows], prompt_mask[rows], settings, chunk_seeds),
+            group_size if shared_prefix else 1,
         )
         pieces.append(out[:, width:])  # [b, Tr_chunk]
     policy.train(was_training)
@@ -244,8 +253,11 @@ def sample(
     return input_ids, attention_mask, full_response_mask, ended, width
 
 
-def _generate(policy, tokenizer, prompt_ids, prompt_mask, settings, seeds):
-    """One `generate` call: [b, Tp] left-padded prompts -> [b, Tp + Tr] (keyed when seeds)."""
+def _generate(policy, tokenizer, prompt_ids, prompt_mask, settings, seeds, group_size=1):
+    """One `generate` call: [b, Tp] left-padded prompts -> [b, Tp + Tr] (keyed when seeds).
+
+    group_size k > 1: rows come in groups of k copies of one prompt; the prompt (but its last
+    token) is prefilled once per group and its cache expanded to the k rows (`prefill_once`)."""
     processors = []
     if settings.allowed_token_ids is not None:
         processors.append(AllowedTokensLogitsProcessor(settings.allowed_token_ids))
@@ -262,8 +274,30 @@ def _generate(policy, tokenizer, prompt_ids, prompt_mask, settings, seeds):
         logits_processor=processors,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=stop_token_ids(tokenizer, getattr(policy, "generation_config", None)),
+        **prefill_once(policy, prompt_ids, prompt_mask, group_size),
         **how,
     )
+
+
+@torch.no_grad()
+def prefill_once(model, prompt_ids: Tensor, prompt_mask: Tensor, k: int) -> dict:
+    """{"cache": the KV cache of prompt[:, :-1] run once per group of k rows and expanded}, for
+    `generate` (which then runs only the last prompt token of each row), or {} where the model's
+    shared-prefix probe fails (`logprobs._can_share`) or there is nothing to share."""
+    hf, context = head_model(model)
+    if hf is None or k < 2 or prompt_ids.shape[1] < 2:
+        return {}
+    with context:
+        if not _can_share(hf, prompt_ids, (k, prompt_ids.shape[1] - 1)):
+            return {}
+        head, mask = prompt_ids[::k, :-1], prompt_mask[::k, :-1]
+        backbone = hf.base_model
+        out = backbone(
+            input_ids=head, attention_mask=mask, position_ids=position_ids(mask), use_cache=True
+        )
+    cache = _cache_of(out)
+    cache.batch_repeat_interleave(k)
+    return {_cache_kwarg(backbone): cache}
 
 
 def decode_responses(tokenizer, input_ids: Tensor, response_mask: Tensor) -> list[str]:
