@@ -157,7 +157,10 @@ def bootstrap_ece(
     low: float = 0.5,
 ) -> Estimate:
     """ECE of all pairs, with a percentile interval from resampling `groups` (the same draws as
-    `bootstrap` with the same seed). Uses ECE = Σ_b |Σ correct_b − Σ confidence_b| / N."""
+    `bootstrap` with the same seed). Uses ECE = Σ_b |Σ correct_b − Σ confidence_b| / N.
+
+    ECE is biased upward (|noise| adds to every bin's gap), and a resample adds noise again, so
+    the interval tends to sit above the estimate: read its width, not its position."""
     confidence = np.asarray(confidence, dtype=np.float64)
     correct = np.asarray(correct, dtype=np.float64)
     groups = np.arange(len(confidence)) if groups is None else np.asarray(groups)
