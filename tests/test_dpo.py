@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import TINY, TINY_MODEL, compose, train_cli, with_paths
+from hydra.utils import instantiate
 from omegaconf import open_dict
 from transformers import AutoModelForCausalLM
 
@@ -319,3 +320,26 @@ def test_dpo_beta_sweep_reports_a_row_per_job(tmp_path):
     for row in rows:
         assert row["status"] == "completed"
         assert all(math.isfinite(float(row[k])) for k in ("kl", "gold_reward", "implicit_accuracy"))
+
+
+def test_lora_dpo_trains_the_adapter_against_the_adapter_free_reference(sft_ctx, pair_batch):
+    """With model.lora the reference is the same network with its adapter off: the loss starts at
+    log 2, only adapter weights are trained, and moving them moves the policy, not the reference."""
+    ctx = copy.copy(sft_ctx)
+    ctx.cfg = copy.deepcopy(sft_ctx.cfg)
+    with open_dict(ctx.cfg):
+        ctx.cfg.model.lora = {"r": 4, "alpha": 8}
+    ctx.model_spec = instantiate(ctx.cfg.model)
+    module = build_dpo_module(ctx)
+    batch, _ = pair_batch
+    out = module(batch)
+    assert float(out["loss"].detach()) == pytest.approx(math.log(2), abs=1e-6)
+    trained = module.trained_parameters()
+    assert trained and all(
+        "lora" in n for n, p in module.policy.named_parameters() if p.requires_grad
+    )
+    with torch.no_grad():
+        for p in trained:  # move the adapter only
+            p.add_(torch.randn_like(p) * 0.05)
+    moved = module(batch)["logratio_chosen"].detach()
+    assert moved.abs().max() > 1e-4  # the reference (adapter off) did not move with it
