@@ -236,6 +236,7 @@ def test_runs_with_the_switch_on_equal_runs_with_it_off(case, tmp_path):
         root = tmp_path / on
         args = ["stage=pipeline", *TINY, "callbacks=none", *SWITCH[case]]
         args += [f"policy.shared_prefix={on}", f"rm.shared_prefix={on}"]
+        args += [f"reward.shared_prefix={on}"]
         out = train_cli(args, root)
         assert out.returncode == 0, out.stderr[-3000:]
         assert "[shared-prefix]" not in out.stdout  # no fallback on the tiny Llama
@@ -274,3 +275,28 @@ def test_generation_prefills_each_prompt_once_and_draws_the_same_samples():
     assert prefills == [(6, 1, False), (6, 3, True)]  # the second: 2 prompts, expanded to 6 rows
     for a, b in zip(plain, shared, strict=True):
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_the_learned_reward_scores_k_samples_of_a_prompt_with_one_prompt_pass():
+    from rlhf_lightning.models.tokenizer import build_tokenizer
+    from rlhf_lightning.rewards.learned import LearnedReward, _run_length
+
+    tokenizer = build_tokenizer(["the plot was great . a dull film , and slow ."] * 20, 300)
+    config = CONFIGS["llama"]()
+    config.vocab_size, config.pad_token_id, config.num_labels = (
+        len(tokenizer),
+        tokenizer.pad_token_id,
+        1,
+    )
+    torch.manual_seed(0)
+    model = T.AutoModelForSequenceClassification.from_config(config).eval()
+    prompts = ["the plot was"] * 3 + ["a dull film , and"] * 3
+    responses = ["great .", "slow .", "a dull", "slow", "great . and", "the plot ."]
+    assert _run_length(prompts) == 3 and _run_length(prompts[:4]) == 1
+    scores = {}
+    for shared in (False, True):
+        reward = LearnedReward(batch_size=4, shared_prefix=shared)  # chunks of whole groups
+        reward.model, reward.tokenizer = model, tokenizer
+        scores[shared] = reward.raw(prompts, responses)
+    assert model._rlhf_shared_prefix_is_exact
+    assert torch.allclose(scores[True], scores[False], atol=TOL, rtol=0)

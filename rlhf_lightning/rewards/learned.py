@@ -36,9 +36,11 @@ class LearnedReward(RewardFunction):
         normalise: bool = True,
         max_length: int = 256,
         batch_size: int = 64,
+        shared_prefix: bool = True,
     ):
         self.path, self.normalise = path, normalise
         self.max_length, self.batch_size = max_length, batch_size
+        self.shared_prefix = shared_prefix
         self.model = self.tokenizer = None
         self.mean, self.std = 0.0, 1.0
         self.sha256: str | None = None
@@ -65,21 +67,35 @@ class LearnedReward(RewardFunction):
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
         """The ids the reward model scores for each (prompt, response): those the RM stage
         trained on for the same texts (`encode_sequences`)."""
+        return [p + r for p, r in self._encode_pairs(prompts, responses)]
+
+    def _encode_pairs(self, prompts, responses) -> list[tuple[list[int], list[int]]]:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         responses = [_strip_suffix(r, self.foreign_stops) for r in responses]
-        pairs = encode_sequences(self.tokenizer, list(prompts), responses, self.max_length)
-        return [p + r for p, r in pairs]
+        return encode_sequences(self.tokenizer, list(prompts), responses, self.max_length)
 
     @torch.inference_mode()
     def raw(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        """Unnormalised RM scores [B]."""
+        """Unnormalised RM scores [B]. When the prompts come in runs of k equal ones (a rollout's
+        k samples per prompt), each prompt runs once per run (`reward_scores` groups)."""
         device = next(self.model.parameters()).device
-        seqs = self.encode(prompts, responses)  # one batched tokenizer call each
+        pairs = self._encode_pairs(prompts, responses)  # one batched tokenizer call each
+        k = _run_length(prompts) if self.shared_prefix else 1
+        size = max(k, self.batch_size - self.batch_size % k)  # chunks of whole groups
         scores = []
-        for start in range(0, len(seqs), self.batch_size):
-            ids, mask = pad(seqs[start : start + self.batch_size], self.tokenizer.pad_token_id)
-            scores.append(reward_scores(self.model, ids.to(device), mask.to(device)))
+        for start in range(0, len(pairs), size):
+            chunk = pairs[start : start + size]
+            ids, mask = pad([p + r for p, r in chunk], self.tokenizer.pad_token_id)
+            groups = response = None
+            if k > 1:
+                starts = torch.tensor([len(p) for p, _ in chunk])
+                response = mask * (torch.arange(mask.shape[1]) >= starts[:, None])
+                groups = torch.arange(len(chunk)).view(-1, k).to(device)
+                response = response.to(device)
+            scores.append(
+                reward_scores(self.model, ids.to(device), mask.to(device), response, groups)
+            )
         return torch.cat(scores).cpu()
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
@@ -93,6 +109,16 @@ def _foreign_stop_texts(policy_tokenizer, rm_tokenizer) -> tuple[str, ...]:
         return ()
     tokens = policy_tokenizer.convert_ids_to_tokens(stop_token_ids(policy_tokenizer))
     return tuple(t for t in tokens if t)
+
+
+def _run_length(prompts: Sequence[str]) -> int:
+    """k when `prompts` are runs of k equal texts (k samples per prompt, grouped), else 1."""
+    for k in range(len(prompts), 1, -1):
+        if len(prompts) % k == 0 and all(
+            prompts[i] == prompts[i - i % k] for i in range(len(prompts))
+        ):
+            return k
+    return 1
 
 
 def _strip_suffix(text: str, suffixes: tuple[str, ...]) -> str:
