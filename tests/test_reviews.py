@@ -96,7 +96,8 @@ def test_files_have_the_right_keys_and_sizes(tmp_path):
     card = json.loads((tmp_path / "card.json").read_text())
     assert card == task.card()
     assert card["task"] == "reviews" and card["sizes"] == expected
-    assert card["settings"] == {"seed": 0, "temperature": 0.5, "perturb_fraction": 0.15, **SMALL}
+    expected_settings = {"seed": 0, "temperature": 0.5, "perturb_fraction": 0.15, **SMALL}
+    assert card["settings"] == {**expected_settings, "context_tokens": 0}
 
 
 def test_responses_start_with_a_space_and_detokenise(tmp_path, tokenizer):
@@ -234,3 +235,19 @@ def test_every_task_word_is_one_token_with_its_leading_space(tokenizer):
 def test_impossible_settings_raise_config_error(bad):
     with pytest.raises(ConfigError):
         ReviewsTask(**{**SMALL, **bad})
+
+
+def test_context_tokens_put_a_fixed_long_context_before_every_prompt():
+    from rlhf_lightning.tasks.reviews import ReviewsTask
+
+    small = dict(n_sft=8, n_pairs_train=8, n_pairs_val=4, n_pairs_test=4, n_prompts_train=8)
+    plain = ReviewsTask(**small, n_prompts_eval=2)._generate()
+    long = ReviewsTask(**small, n_prompts_eval=2, context_tokens=64)._generate()
+    for file_name in ("prefs_train.jsonl", "sft_train.jsonl", "prompts_train.jsonl"):
+        for a, b in zip(plain[file_name], long[file_name], strict=True):
+            assert b["prompt"].endswith(" " + a["prompt"])  # the same prompt, after its context
+            assert len(b["prompt"].split()) == 64 + len(a["prompt"].split())
+    contexts = {r["prompt"] for r in long["prefs_train.jsonl"]}
+    by_prompt = {r["prompt"].split(" review of")[0] for r in long["prefs_train.jsonl"]}
+    assert len(by_prompt) <= len(contexts)  # one context per prompt, whichever file it is in
+    assert long["card.json"]["bayes_accuracy"] == plain["card.json"]["bayes_accuracy"]

@@ -47,6 +47,9 @@ class ReviewsTask:
             from every other file.
         temperature: τ of the Bradley–Terry labels (smaller τ → cleaner labels).
         perturb_fraction: probability that a response in a pair is mildly perturbed.
+        context_tokens: words of generated context before every prompt (0: none) — a long-prompt
+            workload like summarisation or chat histories (each grammar word is one token of the
+            offline tokenizer). The context is fixed per prompt; the gold reward ignores it.
     """
 
     name = "reviews"
@@ -62,6 +65,7 @@ class ReviewsTask:
         n_prompts_eval: int = 128,
         temperature: float = 0.5,
         perturb_fraction: float = 0.15,
+        context_tokens: int = 0,
     ):
         self.settings = {
             "seed": seed,
@@ -73,6 +77,7 @@ class ReviewsTask:
             "n_prompts_eval": n_prompts_eval,
             "temperature": temperature,
             "perturb_fraction": perturb_fraction,
+            "context_tokens": context_tokens,
         }
         _check_settings(self.settings)
         self._data: dict | None = None  # file name -> rows, and "card.json" -> card; built lazily
@@ -129,6 +134,10 @@ def _check_settings(settings: dict) -> None:
         )
     if not settings["temperature"] > 0:
         raise ConfigError(f"task.temperature={settings['temperature']}: must be > 0")
+    if not (isinstance(settings["context_tokens"], int) and settings["context_tokens"] >= 0):
+        raise ConfigError(
+            f"task.context_tokens={settings['context_tokens']}: must be an integer >= 0"
+        )
     if not 0 <= settings["perturb_fraction"] <= 1:
         raise ConfigError(f"task.perturb_fraction={settings['perturb_fraction']}: not in [0, 1]")
 
@@ -136,7 +145,7 @@ def _check_settings(settings: dict) -> None:
 def _generate(settings: dict) -> dict:
     """All rows of every file plus the card, from independent random streams per file."""
     seed = settings["seed"]
-    prompts = grammar.all_prompts()
+    prompts = [with_context(p, settings["context_tokens"], seed) for p in grammar.all_prompts()]
     random.Random(f"{seed}/prompts").shuffle(prompts)
     n_eval = settings["n_prompts_eval"]
     eval_prompts, train_pool = prompts[:n_eval], prompts[n_eval:]
@@ -172,6 +181,16 @@ def _generate(settings: dict) -> dict:
         "description": DESCRIPTION,
     }
     return data
+
+
+def with_context(prompt: str, words: int, seed: int) -> str:
+    """`prompt` after `words` words of grammar text drawn from a stream keyed by the prompt."""
+    if words == 0:
+        return prompt
+    rng, context = random.Random(f"{seed}/context/{prompt}"), []
+    while len(context) < words:
+        context += grammar.sample_response(rng).split()
+    return " ".join(context[:words]) + " " + prompt
 
 
 def _sft_rows(rng: random.Random, pool: list[str], n: int) -> list[dict]:
