@@ -84,6 +84,10 @@ def test_cached_reference_changes_nothing(sft_ctx, pair_batch):
         loss.backward()
         losses.append(loss.detach())
     assert torch.allclose(losses[0], losses[1], atol=1e-6) and losses[0] != math.log(2)
+    cached.micro_batch_size = 3  # trimmed micro-batches find their rows in the cache: no new entry
+    for part in cached.parts(batch):
+        cached.micro_loss(part)
+    assert len(cached._ref_cache) == 2 * len(items)
     for a, b in zip(cached.policy.parameters(), fresh.policy.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, atol=1e-6)
 
