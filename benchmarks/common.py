@@ -39,6 +39,15 @@ TINY_CONFIG = dict(  # conf/model/tiny.yaml
     num_key_value_heads=4,
     max_position_embeddings=256,
 )
+MEDIUM_CONFIG = dict(  # a ~25M-parameter Llama (hidden 512, 8 layers), sequences up to 512 tokens
+    hidden_size=512,
+    intermediate_size=1376,  # ≈ 8/3 · hidden, rounded to a multiple of 32 (Llama's ratio)
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    max_position_embeddings=512,
+)
+SIZES = {"tiny": TINY_CONFIG, "medium": MEDIUM_CONFIG}  # --size: the model both sides train
 QUIET_ENV = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
@@ -62,6 +71,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=3, help="measured runs per side (median reported)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (both sides)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--size", choices=sorted(SIZES), default="tiny", help="model shape (SIZES; default tiny)"
+    )
     p.add_argument("--ours-only", action="store_true", help="skip TRL even when installed")
     p.add_argument("--in-process", action="store_true", help="no worker processes")
     p.add_argument("--workdir", type=Path, default=None, help="data/models cache (default: tmp)")
@@ -174,8 +186,9 @@ class Workspace:
     data_dir: str  # ReviewsTask files in data_dir/reviews
     tokenizer_dir: str  # ours: `<s> text </s>` (rlhf_lightning/models/tokenizer.py)
     trl_tokenizer_dir: str  # same vocabulary, BOS only: TRL appends EOS text itself
-    policy_dir: str  # tiny Llama causal LM (random init, seed)
-    reward_dir: str  # tiny Llama seq-cls RM artifact with reward_stats (random init, seed)
+    policy_dir: str  # Llama causal LM of `model_config` (random init, seed)
+    reward_dir: str  # Llama seq-cls RM artifact with reward_stats (random init, seed)
+    model_config: dict  # LlamaConfig keyword arguments (a value of SIZES)
 
 
 def task_settings(n_pairs_train: int, n_pairs_val: int, seed: int) -> dict:
@@ -190,7 +203,9 @@ def task_settings(n_pairs_train: int, n_pairs_val: int, seed: int) -> dict:
     )
 
 
-def prepare_workspace(root: Path, settings: dict, seed: int) -> Workspace:
+def prepare_workspace(
+    root: Path, settings: dict, seed: int, model_config: dict = TINY_CONFIG
+) -> Workspace:
     """Write the reviews task, train the tokenizer, save the initial models (idempotent)."""
     import copy
 
@@ -209,10 +224,11 @@ def prepare_workspace(root: Path, settings: dict, seed: int) -> Workspace:
         str(root / "tokenizer_trl"),
         str(root / "policy"),
         str(root / "rm"),
+        dict(model_config),
     )
     task = ReviewsTask(**settings)
     task.write(Path(ws.data_dir) / task.name)
-    spec = ModelSpec(config=TINY_CONFIG)
+    spec = ModelSpec(config=model_config)
     tokenizer = spec.tokenizer(task.corpus, cache_dir=Path(ws.tokenizer_dir))
     if not (Path(ws.trl_tokenizer_dir) / "tokenizer_config.json").exists():
         trl_tokenizer = copy.deepcopy(tokenizer)  # the convention of Llama tokenizers TRL expects
@@ -319,18 +335,22 @@ def ratios(results: dict[str, list[dict]], unit: str) -> dict[str, float] | None
 
 def workspace_for(args: argparse.Namespace, settings: dict) -> Workspace:
     """Prepare the workspace (in a worker unless in-process, so the parent never imports torch)."""
-    root = args.workdir or Path(tempfile.gettempdir()) / f"rlhf-bench-{_digest(settings)}"
+    size = getattr(args, "size", "tiny")
+    config = SIZES[size]
+    base = args.workdir or Path(tempfile.gettempdir())
+    root = base / f"rlhf-bench-{size}-{_digest([settings, config])}"
     if args.in_process:
         setup_process(args.threads)
-        return prepare_workspace(root, settings, args.seed)
-    spec = {"root": str(root), "settings": settings, "seed": args.seed}
+        return prepare_workspace(root, settings, args.seed, config)
+    spec = {"root": str(root), "settings": settings, "seed": args.seed, "config": config}
     made = run_worker(Path(sys.argv[0]).resolve(), "prepare", spec, args.threads)
     made.pop("peak_rss_mb")
     return Workspace(**made)
 
 
 def prepare_worker(spec: dict) -> dict:
-    return asdict(prepare_workspace(Path(spec["root"]), spec["settings"], spec["seed"]))
+    root, config = Path(spec["root"]), spec.get("config", TINY_CONFIG)
+    return asdict(prepare_workspace(root, spec["settings"], spec["seed"], config))
 
 
 def _digest(obj) -> str:
@@ -349,13 +369,17 @@ def environment(args: argparse.Namespace) -> dict:
             versions[package] = version(package)
         except PackageNotFoundError:
             versions[package] = None
+    git = ["git", "-C", str(BENCH_DIR), "describe", "--always", "--dirty"]
+    commit = subprocess.run(git, capture_output=True, text=True).stdout.strip() or None
     return {
         "versions": versions,
+        "commit": commit,  # the code measured ("-dirty": with uncommitted changes)
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "threads": args.threads,
+        "size": getattr(args, "size", "tiny"),
         "rss_isolated": not args.in_process,
         "quick": args.quick,
     }
@@ -385,9 +409,11 @@ def _fmt(value) -> str:
 
 
 def write_json(args: argparse.Namespace, name: str, payload: dict) -> Path:
-    """benchmarks/results/<name>.json (`<name>.quick.json` for smoke runs)."""
+    """benchmarks/results/<name>[.<size>][.quick].json (the size unless tiny; quick: smoke runs)."""
     args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"{name}{'.quick' if args.quick else ''}.json"
+    size = getattr(args, "size", "tiny")
+    suffix = ("" if size == "tiny" else f".{size}") + (".quick" if args.quick else "")
+    path = args.results / f"{name}{suffix}.json"
     payload = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **payload}
     path.write_text(json.dumps(payload, indent=2))
     print(f"\nresults written to {path}")

@@ -1,7 +1,8 @@
 """Policy-stage throughput (completions/s): `PolicyModule` (algo=rloo) vs `trl.RLOOTrainer`.
 
-Both sides start from the same tiny Llama policy (random init, saved once; its copy is the frozen
-reference) and score with the same tiny seq-cls reward model, in fp32 on the CPU. Matched per
+Both sides start from the same Llama policy (random init, saved once; its copy is the frozen
+reference) and score with a seq-cls reward model of the same shape (`--size tiny`:
+conf/model/tiny.yaml; `--size medium`: hidden 512, 8 layers, ~25M parameters), in fp32 on the CPU. Matched per
 step: prompts per step P, samples per prompt k, response length max_new_tokens T (sampling at
 temperature 1, no top-k/top-p), one optimisation epoch over one minibatch (one AdamW step, lr 2e-4,
 betas (0.9, 0.95), grad-norm clip 1), β > 0 so both compute reference log-probs, and both compute
@@ -14,7 +15,8 @@ The time of each of our steps is split into phases by wrapping the functions `Po
 (`sample`, `forward_logprobs`, `decode_responses`, the reward and `_update`)
 with `time.perf_counter`; the same is done on TRL's trainer methods for comparison.
 
-    python benchmarks/policy_throughput.py [--quick] [--runs N] [--prompts P] [--k K] [--tokens T]
+    python benchmarks/policy_throughput.py [--quick] [--size tiny|medium] [--runs N] [--prompts P]
+        [--k K] [--tokens T]
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ import common
 
 SCRIPT = Path(__file__).resolve()
 PHASES = ("generate", "policy_logprobs", "reference_logprobs", "reward", "update", "other")
+# per --size: prompts P, samples per prompt k, max_new_tokens T, steps, warm-up steps
+SIZE_DEFAULTS = {"tiny": (16, 4, 32, 8, 2), "medium": (16, 4, 64, 4, 1)}
+QUICK = {"tiny": (4, 2, 8, 3, 1), "medium": (2, 2, 8, 2, 1)}
 
 
 class PhaseTimer:
@@ -157,7 +162,7 @@ def run_ours(spec: dict) -> dict:
     start = time.perf_counter()
     ws = common.Workspace(**spec["workspace"])
     tokenizer = AutoTokenizer.from_pretrained(ws.tokenizer_dir)
-    ctx = _Context(ModelSpec(config=common.TINY_CONFIG), Path(ws.reward_dir))
+    ctx = _Context(ModelSpec(config=ws.model_config), Path(ws.reward_dir), tokenizer)
     torch.manual_seed(spec["seed"])
     module = PolicyModule(
         policy=AutoModelForCausalLM.from_pretrained(ws.policy_dir),
@@ -197,8 +202,8 @@ def run_ours(spec: dict) -> dict:
 class _Context:
     """What `LearnedReward.setup` reads from a run context."""
 
-    def __init__(self, model_spec, reward_dir: Path):
-        self.model_spec, self.reward_dir = model_spec, reward_dir
+    def __init__(self, model_spec, reward_dir: Path, tokenizer):
+        self.model_spec, self.reward_dir, self.tokenizer = model_spec, reward_dir, tokenizer
 
     def artifact(self, stage: str) -> Path:
         return self.reward_dir
@@ -345,11 +350,20 @@ def policy_spec(args, ws: common.Workspace, settings: dict, **overrides) -> dict
 
 
 def add_policy_options(p) -> None:
-    p.add_argument("--prompts", type=int, default=16, help="prompts per step (P)")
-    p.add_argument("--k", type=int, default=4, help="samples per prompt")
-    p.add_argument("--tokens", type=int, default=32, help="max_new_tokens (T)")
-    p.add_argument("--steps", type=int, default=8, help="optimisation steps per run")
-    p.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
+    """Options whose defaults depend on --size (SIZE_DEFAULTS; `size_defaults` fills them)."""
+    p.add_argument("--prompts", type=int, help="prompts per step P (16)")
+    p.add_argument("--k", type=int, help="samples per prompt (4)")
+    p.add_argument("--tokens", type=int, help="max_new_tokens T (tiny 32, medium 64)")
+    p.add_argument("--steps", type=int, help="optimisation steps per run (tiny 8, medium 4)")
+    p.add_argument("--warmup", type=int, help="steps left out of the timing (tiny 2, medium 1)")
+
+
+def size_defaults(args, table: dict = SIZE_DEFAULTS) -> None:
+    """Fill the policy options left unset from `table[args.size]`."""
+    names = ("prompts", "k", "tokens", "steps", "warmup")
+    for name, value in zip(names, table[args.size]):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def main() -> None:
@@ -360,7 +374,8 @@ def main() -> None:
         return common.worker_main(args, WORKERS)
     if args.quick:
         args.in_process, args.runs = True, 1
-        args.prompts, args.k, args.tokens, args.steps, args.warmup = 4, 2, 8, 3, 1
+        args.prompts, args.k, args.tokens, args.steps, args.warmup = QUICK[args.size]
+    size_defaults(args)
     sides = ["ours"]
     if args.ours_only:
         print("--ours-only: ours only")
@@ -372,7 +387,7 @@ def main() -> None:
     ws = common.workspace_for(args, settings)
     spec = policy_spec(args, ws, settings)
     print(
-        f"policy throughput: {args.prompts} prompts x k={args.k} = {args.prompts * args.k} "
+        f"policy throughput ({args.size}): {args.prompts} prompts x k={args.k} = {args.prompts * args.k} "
         f"completions/step, T={args.tokens}, {args.steps} steps ({args.warmup} warm-up), "
         f"{args.runs} run(s) per side, {args.threads} thread(s)"
     )

@@ -1,7 +1,8 @@
 """Reward-model training throughput (pairs/s): `RewardModelModule` vs `trl.RewardTrainer`.
 
-Both sides train the same tiny Llama (conf/model/tiny.yaml, `LlamaForSequenceClassification`,
-num_labels=1, the same init seed) with the Bradley–Terry loss on the same 2,048 pairs of the
+Both sides train the same Llama (`--size tiny`: conf/model/tiny.yaml; `--size medium`: hidden 512,
+8 layers, ~25M parameters, max length 512; `LlamaForSequenceClassification`, num_labels=1, the
+same init seed) with the Bradley–Terry loss on the same 2,048 pairs of the
 built-in reviews task, in fp32 on the CPU, with the same batch size, max length, AdamW
 (lr, weight decay), cosine schedule with warm-up and number of steps; no gradient clipping,
 checkpointing, logging or progress bars. TRL reads the pairs in its preference format
@@ -9,7 +10,7 @@ checkpointing, logging or progress bars. TRL reads the pairs in its preference f
 post-processor (TRL appends the EOS text), so both sides train on identical token ids (checked).
 After training, one evaluator scores the held-out pairs for both (accuracy = P[r⁺ > r⁻]).
 
-    python benchmarks/rm_throughput.py [--quick] [--runs N] [--epochs E]
+    python benchmarks/rm_throughput.py [--quick] [--size tiny|medium] [--runs N] [--epochs E]
 """
 
 from __future__ import annotations
@@ -23,28 +24,38 @@ from pathlib import Path
 import common
 
 SCRIPT = Path(__file__).resolve()
+# per --size: (pairs, epochs, batch size, max length, held-out pairs); options given win
+SIZE_DEFAULTS = {"tiny": (2048, 3, 32, 128, 512), "medium": (384, 1, 32, 512, 128)}
+QUICK = {"tiny": (256, 1, 32, 128, 64), "medium": (32, 1, 8, 512, 16)}
 
 
-def build_reward_model(tokenizer, seed: int):
-    """The tiny seq-cls Llama both sides start from (same seed, same init)."""
+def build_reward_model(tokenizer, seed: int, config: dict):
+    """The seq-cls Llama both sides start from (same seed, same init)."""
     import torch
 
     from rlhf_lightning.models.factory import ModelSpec
 
     torch.manual_seed(seed)
-    return ModelSpec(config=common.TINY_CONFIG).reward_model(tokenizer)
+    return ModelSpec(config=config).reward_model(tokenizer)
 
 
 def count_tokens(model) -> dict:
-    """Counts real and padded tokens of every training forward pass (hook on `model`)."""
+    """Real and computed positions of every training pass of `model`'s backbone (a hook).
+
+    On the backbone, not the classifier: our scoring calls the backbone directly, and with shared
+    prompts in two passes (the prompt, then the responses against its cache); the new positions
+    of a pass are its input's, its real ones the last columns of its attention mask.
+    """
     counts = {"real": 0, "padded": 0}
 
     def hook(module, args, kwargs):
-        if module.training and kwargs.get("attention_mask") is not None:
-            counts["real"] += int(kwargs["attention_mask"].sum())
-            counts["padded"] += kwargs["attention_mask"].numel()
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        if module.training and ids is not None and mask is not None and mask.dim() == 2:
+            counts["real"] += int(mask[:, -ids.shape[1] :].sum())
+            counts["padded"] += ids.numel()
 
-    model.register_forward_pre_hook(hook, with_kwargs=True)
+    model.base_model.register_forward_pre_hook(hook, with_kwargs=True)
     return counts
 
 
@@ -108,7 +119,7 @@ def run_ours(spec: dict) -> dict:
 
     start = time.perf_counter()
     ws, data, tokenizer = _load(spec)
-    model = build_reward_model(tokenizer, spec["seed"])
+    model = build_reward_model(tokenizer, spec["seed"], ws.model_config)
     counts = count_tokens(model)
     module = RewardModelModule(
         model,
@@ -154,7 +165,7 @@ def run_trl(spec: dict) -> dict:
     trl_tokenizer = AutoTokenizer.from_pretrained(ws.trl_tokenizer_dir)
     rows = common.read_jsonl(Path(ws.data_dir) / "reviews" / "prefs_train.jsonl")
     _check_same_ids(tokenizer, trl_tokenizer, rows[:256], spec["max_length"])
-    model = build_reward_model(tokenizer, spec["seed"])
+    model = build_reward_model(tokenizer, spec["seed"], ws.model_config)
     counts = count_tokens(model)
     clock = common.StepClock()
     with tempfile.TemporaryDirectory(prefix="trl-rm-") as out:
@@ -212,18 +223,30 @@ def _check_same_ids(tokenizer, trl_tokenizer, rows: list[dict], max_length: int)
 WORKERS = {"ours": run_ours, "trl": run_trl, "prepare": common.prepare_worker}
 
 
+def size_defaults(args) -> int:
+    """Fill the options left unset from `SIZE_DEFAULTS[args.size]`; return the held-out pairs."""
+    pairs, epochs, batch_size, max_length, val_pairs = SIZE_DEFAULTS[args.size]
+    args.pairs = args.pairs or pairs
+    args.epochs = args.epochs or epochs
+    args.batch_size = args.batch_size or batch_size
+    args.max_length = args.max_length or max_length
+    return val_pairs
+
+
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--pairs", type=int, default=2048, help="training pairs")
-    p.add_argument("--epochs", type=int, default=3, help="passes over the pairs (conf: 3)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--pairs", type=int, help="training pairs (tiny 2048, medium 384)")
+    p.add_argument("--epochs", type=int, help="passes over the pairs (tiny 3 as conf, medium 1)")
+    p.add_argument("--batch-size", type=int, help="pairs per step (32)")
+    p.add_argument("--max-length", type=int, help="tokens per sequence (tiny 128, medium 512)")
     args = p.parse_args()
     if args.worker:
         return common.worker_main(args, WORKERS)
     if args.quick:
-        args.in_process, args.runs, args.pairs, args.epochs = True, 1, 256, 1
-    val_pairs = 64 if args.quick else 512
+        args.in_process, args.runs = True, 1
+        args.pairs, args.epochs, args.batch_size, args.max_length, val_pairs = QUICK[args.size]
+    else:
+        val_pairs = size_defaults(args)
     settings = common.task_settings(args.pairs, val_pairs, args.seed)
     steps = args.epochs * -(-args.pairs // args.batch_size)
     sides = ["ours"]
@@ -239,7 +262,7 @@ def main() -> None:
         "task": settings,
         "seed": args.seed,
         "steps": steps,
-        "warmup": min(5, steps - 1),
+        "warmup": min(5 if args.size == "tiny" else 2, steps - 1),
         "batch_size": args.batch_size,
         "max_length": args.max_length,
         "lr": 1e-3,
@@ -247,8 +270,9 @@ def main() -> None:
         "warmup_steps": min(20, steps // 4),  # conf/rm/default
     }
     print(
-        f"RM throughput: {args.pairs} pairs x {args.epochs} epoch(s) = {steps} steps of "
-        f"{args.batch_size} pairs, {args.runs} run(s) per side, {args.threads} thread(s)"
+        f"RM throughput ({args.size}): {args.pairs} pairs x {args.epochs} epoch(s) = {steps} "
+        f"steps of {args.batch_size} pairs (max length {args.max_length}), {args.runs} run(s) "
+        f"per side, {args.threads} thread(s)"
     )
     results = common.measure(SCRIPT, args, sides, spec, WORKERS, args.runs)
     report(args, spec, results)

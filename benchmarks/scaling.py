@@ -41,6 +41,7 @@ def main() -> None:
     if args.quick:
         args.in_process, args.runs, args.k, args.steps, args.warmup = True, 1, 2, 3, 1
         args.batch_sizes, args.lengths, args.prompts, args.tokens = [2, 4], [4, 8], 2, 4
+    policy.size_defaults(args)
     settings = common.task_settings(64, 16, args.seed)
     ws = common.workspace_for(args, settings)
     points = sweep_points(args)

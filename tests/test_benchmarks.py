@@ -1,7 +1,7 @@
 """The benchmark scripts run (`--quick`, our side only) and report consistent numbers.
 
-The three scripts start together in subprocesses (a module fixture) so the suite pays their import
-time once; each test then checks one script's JSON. TRL is never needed: without it the scripts
+The scripts start together in subprocesses (a module fixture) so the suite pays their import
+time once; each test then checks one run's JSON. TRL is never needed: without it the scripts
 print "trl not installed: ours only"; with it, `--ours-only` keeps the run short.
 """
 
@@ -21,23 +21,32 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
+import memory  # noqa: E402
 import policy_throughput  # noqa: E402
 
-SCRIPTS = ("rm_throughput", "policy_throughput", "scaling")
+RUNS = {  # run name -> (script, extra options)
+    "rm_throughput": ("rm_throughput", []),
+    "policy_throughput": ("policy_throughput", []),
+    "scaling": ("scaling", []),
+    "rm_medium": ("rm_throughput", ["--size", "medium"]),
+    "policy_medium": ("policy_throughput", ["--size", "medium"]),
+    "memory": ("memory", []),
+}
 HAS_TRL = importlib.util.find_spec("trl") is not None
 
 
 @pytest.fixture(scope="module")
 def quick_runs(tmp_path_factory):
-    """Start every script with --quick at once; yield name -> (Popen, results dir)."""
+    """Start every run with --quick at once; yield name -> (Popen, script, results dir)."""
     root = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     runs = {}
-    for name in SCRIPTS:
+    for name, (script, extra) in RUNS.items():
         cmd = [
             sys.executable,
-            str(BENCH / f"{name}.py"),
+            str(BENCH / f"{script}.py"),
             "--quick",
+            *extra,
             "--workdir",
             str(root / name / "work"),
             "--results",
@@ -48,21 +57,22 @@ def quick_runs(tmp_path_factory):
         proc = subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        runs[name] = (proc, root / name / "results")
+        runs[name] = (proc, script, root / name / "results")
     yield runs
-    for proc, _ in runs.values():
+    for proc, _, _ in runs.values():
         if proc.poll() is None:
             proc.kill()
 
 
 def finished(quick_runs, name: str, compares_trl: bool = True) -> tuple[str, dict]:
-    proc, results = quick_runs[name]
+    proc, script, results = quick_runs[name]
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
     if compares_trl:
         expected = "--ours-only: ours only" if HAS_TRL else common.TRL_MISSING
         assert expected in output
-    return output, json.loads((results / f"{name}.quick.json").read_text())
+    size = "" if "--size" not in RUNS[name][1] else "." + RUNS[name][1][-1]
+    return output, json.loads((results / f"{script}{size}.quick.json").read_text())
 
 
 def positive(x) -> bool:
@@ -111,6 +121,61 @@ def test_scaling_quick_covers_both_sweeps(quick_runs):
             point["completions_per_step"] / point["step_s"]
         )
         assert 0 < point["generate_share"] < 1 and 0 < point["update_share"] < 1
+
+
+def test_medium_size_trains_the_medium_model(quick_runs):
+    """--size medium: both scripts build the hidden-512, 8-layer Llama (RM at max length 512)."""
+    for name in ("rm_medium", "policy_medium"):
+        _, result = finished(quick_runs, name)
+        assert result["environment"]["size"] == "medium"
+        workspace = result["spec"]["workspace"]
+        assert workspace["model_config"] == common.MEDIUM_CONFIG
+        saved = json.loads((Path(workspace["policy_dir"]) / "config.json").read_text())
+        assert (saved["hidden_size"], saved["num_hidden_layers"]) == (512, 8)
+        run = result["runs"]["ours"][0]
+        assert positive(run["throughput"]) and positive(run["peak_rss_mb"])
+    _, rm = finished(quick_runs, "rm_medium")
+    assert rm["spec"]["max_length"] == 512 and rm["runs"]["ours"][0]["steps"] == 4
+
+
+def test_memory_quick_reports_every_setting(quick_runs):
+    output, result = finished(quick_runs, "memory", compares_trl=False)
+    rm = result["rm"]
+    assert [(r["micro_batch_size"], r["checkpointing"]) for r in rm] == [
+        (4, False),
+        (1, False),
+        (4, True),
+        (1, True),
+    ]
+    for r in rm + result["policy"]:
+        assert r["peak_mb"] >= r["rss_before_mb"] - 1  # a high-water mark over the step
+        assert r["step_mb"] == pytest.approx(r["peak_mb"] - r["rss_before_mb"])
+    before, after, *large = result["policy"]
+    assert [r["path"] for r in result["policy"]] == ["before", "after", "after", "after"]
+    assert [r["chunk_tokens"] for r in large] == [2048, 8]  # the library's chunk, and a small one
+    assert before["response_tokens"] == after["response_tokens"] > 0
+    assert before["loss"] == pytest.approx(after["loss"], rel=1e-5)  # the same loss both ways
+    # the old path holds several [B, T, V] tensors; response-only chunked logits hold none
+    assert before["step_mb"] > before["full_logits_mb"] > after["step_mb"]
+    rows = {(r["sampler"], r["setting"]): r for r in result["padding"]["rows"]}
+    whole = rows[("random", "whole batch")]
+    assert rows[("random", "budget 512")]["padded_fraction"] < whole["padded_fraction"]
+    for r in rows.values():
+        assert 0 <= r["padded_fraction"] < 1 and r["forwards_per_batch"] >= 1
+        if r["max_tokens_per_micro_batch"]:  # a pair is two rows of the budget's length
+            assert r["max_positions_per_forward"] <= 2 * r["max_tokens_per_micro_batch"]
+    assert "RM padding" in output
+
+
+def test_step_peak_sees_an_allocation():
+    if not Path("/proc/self/status").exists():
+        pytest.skip("reads /proc")
+    peak = memory.StepPeak()
+    peak.start()
+    block = bytearray(200 * 2**20)  # touched (zeroed): resident
+    del block
+    result = peak.stop()
+    assert result["peak_method"] == "VmHWM" and result["step_mb"] > 190
 
 
 def test_step_clock_steady_interval():
