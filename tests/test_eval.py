@@ -276,7 +276,13 @@ def test_eval_rm_mode_accuracy_calibration_and_reliability_plot(trained, tmp_pat
     assert (out / "rm_rewards.png").exists() and "expected calibration error" in (
         out / "eval.md"
     ).read_text()
-    assert list((out / "tensorboard" / "eval").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard" / "eval"))
+    events.Reload()
+    logged = events.Scalars("eval/rm/accuracy")
+    assert [e.value for e in logged] == [pytest.approx(metrics["accuracy"]["mean"])]
+    assert "eval/reliability" in events.Tags()["images"]
 
 
 @pytest.mark.slow
