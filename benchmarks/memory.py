@@ -320,7 +320,9 @@ def rm_settings(args, ws: common.Workspace) -> list[dict]:
             "micro_batch_size": micro,
             "checkpointing": checkpointing,
         }
-        for checkpointing in (False, True)
+        for checkpointing in {"both": (False, True), "off": (False,), "on": (True,)}[
+            args.checkpointing
+        ]
         for micro in args.micro_batches
     ]
 
@@ -461,6 +463,7 @@ def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--parts", nargs="+", default=["rm", "policy", "padding"])
     p.add_argument("--micro-batches", type=int, nargs="+", default=[16, 8, 4, 2, 1])
+    p.add_argument("--checkpointing", choices=["both", "off", "on"], default="both")
     p.add_argument("--rm-pairs", type=int, default=RM_PAIRS)
     p.add_argument("--rm-length", type=int, default=RM_LENGTH)
     p.add_argument("--vocabs", type=int, nargs="+", default=[32000, 152064])
@@ -487,8 +490,9 @@ def main() -> None:
     root = args.workdir or Path(common.tempfile.gettempdir()) / "rlhf-bench-memory"
     if "rm" in args.parts:
         ws = common.workspace_for(args, common.task_settings(64, 16, args.seed))
-        print(f"RM step, {len(args.micro_batches) * 2} settings, one worker each")
-        payload["rm"] = run_all(args, "rm", rm_settings(args, ws))
+        settings = rm_settings(args, ws)
+        print(f"RM step, {len(settings)} settings, one worker each")
+        payload["rm"] = run_all(args, "rm", settings)
         report_rm(payload["rm"])
     if "policy" in args.parts:
         print("\npolicy update forward/backward, one worker each")
