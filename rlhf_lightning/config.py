@@ -18,6 +18,7 @@ from rlhf_lightning.losses.dpo import DPO_LOSSES
 from rlhf_lightning.losses.kl import KL_ESTIMATORS
 from rlhf_lightning.models.factory import DTYPES
 from rlhf_lightning.modules.algorithm import ALGORITHMS
+from rlhf_lightning.modules.optim import DECAY_EXCLUSIONS
 
 STAGES = ("sft", "rm", "policy", "dpo")
 
@@ -112,6 +113,14 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
     ],
     ("model.gradient_checkpointing", lambda x: isinstance(x, bool), "true or false"),
     ("policy.shared_prefix", lambda x: isinstance(x, bool), "true or false"),
+    ("rm.length_group", _positive_int, "an integer > 0 (1: a plain shuffle)"),
+    ("rm.init_from_sft", lambda x: isinstance(x, bool), "true or false"),
+    ("rm.score_init_std", lambda x: x is None or _non_negative(x), "null or a number >= 0"),
+    (
+        "rm.module.no_decay",
+        lambda x: OmegaConf.is_list(x) and set(x) <= set(DECAY_EXCLUSIONS),
+        f"a list of {list(DECAY_EXCLUSIONS)} (may be empty)",
+    ),
 ]
 
 

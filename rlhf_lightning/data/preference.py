@@ -53,7 +53,9 @@ class PreferenceDataModule(ResumableSampling, L.LightningDataModule):
     (checkpoints carry the position in the training order: `ResumableSampling`).
 
     eval_prompts: also load the held-out prompts into `prompts["eval"]`, where the evaluation
-    callbacks sample from (the DPO stage; `PromptDataModule` has the same attribute)."""
+    callbacks sample from (the DPO stage; `PromptDataModule` has the same attribute).
+    length_group: training batches per length-sorted mega-batch (`LengthGroupedBatchSampler`
+    `group`); 1 is a plain shuffle, every batch a uniform sample of the pairs."""
 
     def __init__(
         self,
@@ -64,12 +66,14 @@ class PreferenceDataModule(ResumableSampling, L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         eval_prompts: bool = False,
+        length_group: int = 50,
     ):
         super().__init__()
         self.data, self.tokenizer = data, tokenizer
         self.batch_size, self.max_length = batch_size, max_length
         self.seed, self.num_workers = seed, num_workers
         self.eval_prompts = eval_prompts
+        self.length_group = length_group
         self.datasets: dict[str, list[dict]] = {}
         self.prompts: dict[str, list[str]] = {}
         self.sampler: LengthGroupedBatchSampler | None = None
@@ -93,6 +97,7 @@ class PreferenceDataModule(ResumableSampling, L.LightningDataModule):
             self.batch_size,
             shuffle=True,
             seed=self.seed,
+            group=self.length_group,
             num_replicas=world,
             rank=rank,
         )

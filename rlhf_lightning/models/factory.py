@@ -145,6 +145,18 @@ class ModelSpec:
         )
         return _fit_vocab(model, tokenizer)
 
+    def reward_model_from_sft(self, tokenizer: PreTrainedTokenizerBase, path: str | Path):
+        """A reward model whose backbone is the causal LM saved at `path` (the SFT artifact) under
+        a freshly initialised score head (InstructGPT's RM initialisation, Ouyang et al. 2022)."""
+        model = _load(
+            AutoModelForSequenceClassification,
+            path,
+            self.trust_remote_code,
+            self._dtype,
+            num_labels=1,
+        )
+        return _fit_vocab(model, tokenizer)
+
     def trainable(self, model):
         """`model` set up for training: activation checkpointing when the spec asks for it."""
         if self.gradient_checkpointing:

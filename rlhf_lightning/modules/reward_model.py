@@ -11,7 +11,7 @@ A unit of micro-batching is a pair (both sides travel together); scores are floa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from torchmetrics.classification import BinaryAccuracy
 
 from rlhf_lightning.losses.bradley_terry import bradley_terry_loss
 from rlhf_lightning.models.reward_scores import reward_scores
+from rlhf_lightning.modules.optim import DECAY_EXCLUSIONS
 from rlhf_lightning.modules.supervised import MicroBatchedModule, trimmed
 
 
@@ -31,7 +32,8 @@ class RewardModelModule(MicroBatchedModule):
         taking (optimizer, num_training_steps=...), stepped every optimisation step.
     use_margin: subtract the pair's `margin` column inside the sigmoid. centering: coefficient c.
     bayes_accuracy: the task's ceiling on validation pairs, logged beside the accuracy when known.
-    micro_batch_size (pairs) / max_tokens_per_micro_batch / max_grad_norm: `MicroBatchedModule`.
+    micro_batch_size (pairs) / max_tokens_per_micro_batch / max_grad_norm / no_decay:
+        `MicroBatchedModule`.
     """
 
     stage_name = "rm"
@@ -49,9 +51,15 @@ class RewardModelModule(MicroBatchedModule):
         micro_batch_size: int | None = None,
         max_tokens_per_micro_batch: int | None = None,
         max_grad_norm: float | None = None,
+        no_decay: Sequence[str] = DECAY_EXCLUSIONS,
     ):
         super().__init__(
-            optimizer, scheduler, micro_batch_size, max_tokens_per_micro_batch, max_grad_norm
+            optimizer,
+            scheduler,
+            micro_batch_size,
+            max_tokens_per_micro_batch,
+            max_grad_norm,
+            no_decay=no_decay,
         )
         self.save_hyperparameters(ignore=["reward_model", "optimizer", "scheduler"])
         self.reward_model = reward_model

@@ -14,20 +14,25 @@ Validation goes through the same parts (no grad), so it fits wherever training f
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
 
 from rlhf_lightning.microbatch import accumulate, plan, shape_on_failure
-from rlhf_lightning.modules.optim import optimizers_with_schedule
+from rlhf_lightning.modules.optim import (
+    DECAY_EXCLUSIONS,
+    optimizers_with_schedule,
+    weight_decay_groups,
+)
 from rlhf_lightning.sharding import clip_grad_norm
 
 
 class MicroBatchedModule(L.LightningModule):
     """Base class. optimizer/scheduler: partials (`modules/optim.py`). micro_batch_size: units
     per forward/backward (None: the whole batch). max_tokens_per_micro_batch: a padded-token
-    budget instead (units grouped by length). max_grad_norm: global-norm clipping (None: off)."""
+    budget instead (units grouped by length). max_grad_norm: global-norm clipping (None: off).
+    no_decay: parameter kinds trained without weight decay (`optim.DECAY_EXCLUSIONS`)."""
 
     stage_name = "train"
     numerical_fix = "lower the learning rate"
@@ -39,6 +44,7 @@ class MicroBatchedModule(L.LightningModule):
         micro_batch_size: int | None = None,
         max_tokens_per_micro_batch: int | None = None,
         max_grad_norm: float | None = None,
+        no_decay: Sequence[str] = DECAY_EXCLUSIONS,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -46,6 +52,7 @@ class MicroBatchedModule(L.LightningModule):
         self.micro_batch_size = micro_batch_size
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.max_grad_norm = max_grad_norm
+        self.no_decay = tuple(no_decay)
 
     # --- what a subclass defines -----------------------------------------------------------
     def units(self, batch: dict) -> int:
@@ -105,7 +112,7 @@ class MicroBatchedModule(L.LightningModule):
 
     def configure_optimizers(self):
         return optimizers_with_schedule(
-            self.trained_parameters(),
+            weight_decay_groups(self, self.trained_parameters(), self.no_decay),
             self.optimizer_factory,
             self.scheduler_factory,
             int(self.trainer.estimated_stepping_batches),

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from hydra.utils import instantiate
 
-from rlhf_lightning.artifacts import save_model_artifact
+from rlhf_lightning.artifacts import require_artifact, save_model_artifact
 from rlhf_lightning.data.preference import PreferenceDataModule
 from rlhf_lightning.stages.common import rank_zero_work, validation_metrics
 
@@ -18,8 +19,9 @@ def run_rm(ctx) -> dict:
         batch_size=cfg.batch_size,
         max_length=cfg.max_length,
         seed=ctx.cfg.seed,
+        length_group=cfg.length_group,
     )
-    reward_model = ctx.model_spec.trainable(ctx.model_spec.reward_model(ctx.tokenizer))
+    reward_model = ctx.model_spec.trainable(initial_reward_model(ctx))
     module = instantiate(
         cfg.module, reward_model=reward_model, bayes_accuracy=ctx.data.bayes_accuracy("val")
     )
@@ -41,3 +43,18 @@ def run_rm(ctx) -> dict:
             )
             result["artifact"] = str(ctx.artifact("rm", write=True))
     return result
+
+
+def initial_reward_model(ctx):
+    """The network the RM stage starts from: the spec's model, or with `rm.init_from_sft` the SFT
+    artifact's backbone under a new score head; `rm.score_init_std` re-draws the head."""
+    cfg = ctx.cfg.rm
+    if cfg.init_from_sft:
+        sft = require_artifact(ctx.artifact("sft"), "SFT", "python train.py stage=sft")
+        model = ctx.model_spec.reward_model_from_sft(ctx.tokenizer, sft)
+    else:
+        model = ctx.model_spec.reward_model(ctx.tokenizer)
+    if cfg.score_init_std is not None:
+        with torch.no_grad():  # `score`: the [1, H] head of HF's ...ForSequenceClassification
+            model.score.weight.normal_(0.0, cfg.score_init_std)  # std 0: every score starts at 0
+    return model
