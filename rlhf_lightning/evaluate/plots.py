@@ -24,16 +24,17 @@ def _save(fig: Figure, path: Path) -> Path:
 
 def win_rates(result: dict, path: Path) -> Path:
     items = list(result["win_rates"].items())  # "policy_vs_reference/gold" -> estimate
-    fig = Figure(figsize=(6, 0.5 + 0.45 * len(items)))
+    fig = Figure(figsize=(7, 1.2 + 0.45 * len(items)))
     ax = fig.subplots()
     for y, (_, e) in enumerate(items):
         ax.errorbar(
             e["mean"], y, xerr=[[e["mean"] - e["lo"]], [e["hi"] - e["mean"]]], fmt="o", capsize=4
         )
     ax.axvline(0.5, color="k", lw=0.8, ls="--")
-    ax.set_yticks(range(len(items)), [n.replace("_vs_", " over ") for n, _ in items])
+    labels = [n.replace("_vs_", " over ").replace("/", " (") + ")" for n, _ in items]
+    ax.set_yticks(range(len(items)), labels)
     ax.set_xlim(0, 1)
-    ax.set_xlabel("win rate (ties half), 95 % bootstrap interval over prompts")
+    ax.set_xlabel("win rate (ties ½) with its 95 % interval over prompts")
     return _save(fig, path)
 
 
