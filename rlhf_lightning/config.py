@@ -112,7 +112,10 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
         for s in ("sft", "rm", "policy", "dpo")
     ],
     ("model.gradient_checkpointing", lambda x: isinstance(x, bool), "true or false"),
-    ("policy.shared_prefix", lambda x: isinstance(x, bool), "true or false"),
+    *[
+        (f"{s}.shared_prefix", lambda x: isinstance(x, bool), "true or false")
+        for s in ("rm", "policy")
+    ],
     ("rm.length_group", _positive_int, "an integer > 0 (1: a plain shuffle)"),
     ("rm.init_from_sft", lambda x: isinstance(x, bool), "true or false"),
     ("rm.score_init_std", lambda x: x is None or _non_negative(x), "null or a number >= 0"),

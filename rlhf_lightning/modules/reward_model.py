@@ -34,6 +34,8 @@ class RewardModelModule(MicroBatchedModule):
     bayes_accuracy: the task's ceiling on validation pairs, logged beside the accuracy when known.
     micro_batch_size (pairs) / max_tokens_per_micro_batch / max_grad_norm / no_decay:
         `MicroBatchedModule`.
+    shared_prefix: run a pair's prompt once for both sides (`reward_scores` with groups); the
+        same scores and gradients, less work on long prompts.
     """
 
     stage_name = "rm"
@@ -51,6 +53,7 @@ class RewardModelModule(MicroBatchedModule):
         micro_batch_size: int | None = None,
         max_tokens_per_micro_batch: int | None = None,
         max_grad_norm: float | None = None,
+        shared_prefix: bool = True,
         no_decay: Sequence[str] = DECAY_EXCLUSIONS,
     ):
         super().__init__(
@@ -68,9 +71,19 @@ class RewardModelModule(MicroBatchedModule):
         self.val_chosen, self.val_rejected = MeanMetric(), MeanMetric()
         self.val_reward, self.val_reward_sq = MeanMetric(), MeanMetric()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Scores [N] float32 of N sequences (read at each row's last real token)."""
-        return reward_scores(self.reward_model, input_ids, attention_mask)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scores [N] float32 of N sequences (read at each row's last real token). With
+        `response_mask` and `shared_prefix`, rows i and N/2 + i (a pair) share their prompt."""
+        groups = None
+        if response_mask is not None and self.hparams.shared_prefix:
+            half = torch.arange(input_ids.shape[0] // 2, device=input_ids.device)
+            groups = torch.stack([half, half + len(half)], dim=1)  # [B, 2]: chosen, rejected
+        return reward_scores(self.reward_model, input_ids, attention_mask, response_mask, groups)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         for _, out in self.validation_parts(batch):
@@ -120,10 +133,8 @@ class RewardModelModule(MicroBatchedModule):
 
     def select(self, batch: dict, idx: torch.Tensor) -> dict:
         rows = torch.cat([idx, idx + self.units(batch)])  # chosen rows, then their rejected rows
-        return {
-            **trimmed(batch, rows, ("input_ids", "attention_mask")),
-            "margin": batch["margin"][idx],
-        }
+        keys = tuple(k for k in ("input_ids", "attention_mask", "response_mask") if k in batch)
+        return {**trimmed(batch, rows, keys), "margin": batch["margin"][idx]}
 
     def micro_loss(self, part: dict) -> dict[str, torch.Tensor]:
         chosen, rejected = self._score_pairs(part)
@@ -141,7 +152,7 @@ class RewardModelModule(MicroBatchedModule):
         return self.reward_model.parameters()
 
     def _score_pairs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        rewards = self(batch["input_ids"], batch["attention_mask"])  # [2B]: chosen then rejected
+        rewards = self(batch["input_ids"], batch["attention_mask"], batch.get("response_mask"))
         return rewards.chunk(2)
 
     def _loss(self, chosen, rejected, margin) -> torch.Tensor:
