@@ -145,8 +145,9 @@ def test_train_py_runs_the_rm_stage(tmp_path):
     assert 0.0 <= float(values["accuracy"]) <= 1.0
     artifact = tmp_path / "artifacts" / "reviews" / "rm"
     assert f"[rm] model saved to {artifact}" in lines
-    assert lines[-1].startswith("run directory: ")  # the output dir is the last line
-    out_dir = Path(lines[-1].removeprefix("run directory: "))
+    (where,) = [line for line in lines if line.startswith("run directory: ")]
+    assert lines[-1].startswith("next: python eval.py mode=rm")  # what to run next, last
+    out_dir = Path(where.removeprefix("run directory: "))
     assert out_dir.is_dir() and out_dir.parent == (tmp_path / "outputs" / "rm").resolve()
     assert (out_dir / ".hydra" / "config.yaml").is_file()
     assert (artifact / "model.safetensors").is_file()
