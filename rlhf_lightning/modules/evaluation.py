@@ -31,7 +31,8 @@ def sample_and_score(
     batch_size: int = 64,
     seeds: list[int] | None = None,
 ) -> dict:
-    """Responses of `model` to `prompts`, with per-sample proxy, gold, KL (k1 and k3) tensors [B].
+    """Responses of `model` to `prompts`, with per-sample proxy, gold, KL (k1 and k3), length
+    and `ended` (closed by a stop token) tensors [B]; k > 1 samples of a prompt share its prefix.
 
     `seeds` (one per sample, see `rollout.sample_seeds`) key each sample's random draws; without
     them sampling uses the global RNG. `module.forward_batch_size`, when set, bounds the
@@ -46,18 +47,24 @@ def sample_and_score(
         "kl": [],
         "kl_k3": [],
         "length": [],
+        "ended": [],
     }
+    shared = getattr(module, "shared_prefix", True) and samples_per_prompt > 1
     per_call = max(1, batch_size // samples_per_prompt)
     for start in range(0, len(prompts), per_call):
         chunk = prompts[start : start + per_call]
         k = samples_per_prompt
         chunk_seeds = None if seeds is None else seeds[start * k : (start + len(chunk)) * k]
-        ids, attn, mask, ended, _ = sample(model, module.tokenizer, chunk, k, gen, chunk_seeds)
+        ids, attn, mask, ended, width = sample(
+            model, module.tokenizer, chunk, k, gen, chunk_seeds, shared_prefix=shared
+        )
+        prefix = (k, width) if shared else None  # the k samples of a prompt share it
         logp, _, _ = forward_logprobs(
-            model, ids, attn, mask, gen.temperature, gen.allowed_token_ids
+            model, ids, attn, mask, gen.temperature, gen.allowed_token_ids, shared_prefix=prefix
         )
         ref, _, _ = forward_logprobs(
-            module.reference, ids, attn, mask, gen.temperature, gen.allowed_token_ids
+            *(module.reference, ids, attn, mask, gen.temperature, gen.allowed_token_ids),
+            shared_prefix=prefix,
         )
         chunk_k = [p for p in chunk for _ in range(samples_per_prompt)]
         responses = decode_responses(module.tokenizer, ids, mask)
@@ -69,7 +76,8 @@ def sample_and_score(
         out["kl"].append(sequence_kl(kl_per_token(logp, ref, "k1"), mask).cpu())
         out["kl_k3"].append(sequence_kl(kl_per_token(logp, ref, "k3"), mask).cpu())
         out["length"].append(mask.sum(-1).float().cpu())
-    for key in ("proxy", "gold", "kl", "kl_k3", "length"):
+        out["ended"].append(ended.cpu())
+    for key in ("proxy", "gold", "kl", "kl_k3", "length", "ended"):
         out[key] = torch.cat(out[key]) if out[key] else None
     return out
 
