@@ -9,7 +9,7 @@ difference to the first factor (same seed, same pairs: most of the seed-to-seed 
 `init_from_sft` needs `artifacts/reviews/sft` of each seed: `--sft` trains it first.
 
     python benchmarks/rm_quality.py [--seeds 0 1 2] [--jobs 3] [--base rm.max_epochs=2]
-        [--factors default no_decay ...] [--sft] [--out /tmp/rm_quality]
+        [--factors default decay_all ...] [--sft] [--out /tmp/rm_quality]
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 FACTORS: dict[str, list[str]] = {
     "default": [],
     "decay_all": ["rm.module.no_decay=[]"],  # weight decay on norms, biases and embeddings too
-    "no_decay": ["rm.module.no_decay=[bias,norm,embedding]"],
     "plain_shuffle": ["rm.length_group=1"],
     "score_init_0": ["rm.score_init_std=0"],
     "lr_3e-3": ["rm.module.optimizer.lr=3e-3"],
@@ -38,6 +37,7 @@ FACTORS: dict[str, list[str]] = {
     "attention_dropout_0.1": ["+model.config.attention_dropout=0.1"],
     "init_from_sft": ["rm.init_from_sft=true"],
     "hidden_128": ["model.config.hidden_size=128", "model.config.intermediate_size=512"],
+    "pairs_16k": ["task.n_pairs_train=16000"],  # other data: its own root (same held-out pairs)
 }
 ENV = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
 
@@ -70,7 +70,8 @@ def rm_run(factor: str, seed: int, base: list[str], out: Path) -> dict:
     """val/accuracy and val/bayes_accuracy of the last validation of one run."""
     run_dir = out / "runs" / f"{factor}_s{seed}"
     args = ["stage=rm", f"seed={seed}", *base, *FACTORS[factor]]
-    wall = train(args, out / f"seed{seed}", run_dir)
+    own_data = any(o.startswith("task.") for o in FACTORS[factor])  # never rewrite shared data
+    wall = train(args, out / (f"{factor}_seed{seed}" if own_data else f"seed{seed}"), run_dir)
     with open(run_dir / "csv" / "rm" / "metrics.csv") as f:
         last = [r for r in csv.DictReader(f) if r.get("val/accuracy")][-1]
     return {

@@ -64,7 +64,8 @@ class RewardModelModule(MicroBatchedModule):
             max_grad_norm,
             no_decay=no_decay,
         )
-        self.save_hyperparameters(ignore=["reward_model", "optimizer", "scheduler"])
+        # no_decay travels with the optimiser settings (a ListConfig would not load weights-only)
+        self.save_hyperparameters(ignore=["reward_model", "optimizer", "scheduler", "no_decay"])
         self.reward_model = reward_model
         self.val_accuracy = BinaryAccuracy()
         self.val_loss, self.val_margin = MeanMetric(), MeanMetric()
