@@ -48,6 +48,8 @@ MEDIUM_CONFIG = dict(  # a ~25M-parameter Llama (hidden 512, 8 layers), sequence
     max_position_embeddings=512,
 )
 SIZES = {"tiny": TINY_CONFIG, "medium": MEDIUM_CONFIG}  # --size: the model both sides train
+# --shared-prefix: our side(s); "ours" runs with the shared prompt pass, "ours_plain" without
+OUR_SIDES = {"on": ["ours"], "off": ["ours_plain"], "both": ["ours", "ours_plain"]}
 QUIET_ENV = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
@@ -73,6 +75,19 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--size", choices=sorted(SIZES), default="tiny", help="model shape (SIZES; default tiny)"
+    )
+    p.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=0,
+        help="words (= tokens) of generated context before every prompt (task.context_tokens; "
+        "0: the task's own ~16-token prompts); position limits are raised to fit",
+    )
+    p.add_argument(
+        "--shared-prefix",
+        choices=sorted(OUR_SIDES),
+        default="on",
+        help="our side with the shared prompt pass on, off, or both (sides ours, ours_plain)",
     )
     p.add_argument("--ours-only", action="store_true", help="skip TRL even when installed")
     p.add_argument("--in-process", action="store_true", help="no worker processes")
@@ -191,8 +206,8 @@ class Workspace:
     model_config: dict  # LlamaConfig keyword arguments (a value of SIZES)
 
 
-def task_settings(n_pairs_train: int, n_pairs_val: int, seed: int) -> dict:
-    return dict(
+def task_settings(n_pairs_train: int, n_pairs_val: int, seed: int, context_tokens: int = 0) -> dict:
+    settings = dict(
         seed=seed,
         n_sft=16,
         n_pairs_train=n_pairs_train,
@@ -201,6 +216,33 @@ def task_settings(n_pairs_train: int, n_pairs_val: int, seed: int) -> dict:
         n_prompts_train=512,
         n_prompts_eval=16,
     )
+    if context_tokens:  # --prompt-tokens (left out at 0: the same workspaces as before)
+        settings["context_tokens"] = context_tokens
+    return settings
+
+
+def sized_config(size: str, prompt_tokens: int = 0) -> dict:
+    """`SIZES[size]`, with room for `prompt_tokens` of context plus the task's prompt, response
+    and RM sequence (max_position_embeddings; Llama's RoPE has no weights, so the init is the
+    same)."""
+    config = dict(SIZES[size])
+    if prompt_tokens:
+        config["max_position_embeddings"] = max(
+            config["max_position_embeddings"], prompt_tokens + 256
+        )
+    return config
+
+
+def our_sides(args: argparse.Namespace) -> list[str]:
+    """Our side(s) for --shared-prefix, then TRL's unless --ours-only or not installed."""
+    sides = list(OUR_SIDES[getattr(args, "shared_prefix", "on")])
+    if args.ours_only:
+        print("--ours-only: ours only")
+    elif has_trl():
+        sides.append("trl")
+    else:
+        print(TRL_MISSING)
+    return sides
 
 
 def prepare_workspace(
@@ -314,29 +356,39 @@ def median(results: list[dict], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def ratios(results: dict[str, list[dict]], unit: str) -> dict[str, float] | None:
+def ratios(
+    results: dict[str, list[dict]], unit: str, side: str = "ours", other: str = "trl"
+) -> dict[str, float] | None:
     """Ours / TRL throughput three ways (None without TRL), printed on one line.
 
     of_medians: median ours / median TRL. paired: median over runs i of ours_i / trl_i (run i of
     both sides ran back to back, so slow drift of the machine's load cancels). median_step: TRL's
-    median step time / ours (robust to load spikes inside a run).
+    median step time / ours (robust to load spikes inside a run). `side`/`other`: any two sides.
     """
-    if "trl" not in results:
+    if side not in results or other not in results:
         return None
-    ours, trl = results["ours"], results["trl"]
+    ours, trl = results[side], results[other]
     out = {
         "of_medians": median(ours, "throughput") / median(trl, "throughput"),
         "paired": statistics.median(o["throughput"] / t["throughput"] for o, t in zip(ours, trl)),
         "median_step": median(trl, "median_step_s") / median(ours, "median_step_s"),
     }
-    print(f"\nours / TRL {unit}: " + ", ".join(f"{v:.2f} ({k})" for k, v in out.items()))
+    label = "ours / TRL" if (side, other) == ("ours", "trl") else f"{side} / {other}"
+    print(f"\n{label} {unit}: " + ", ".join(f"{v:.2f} ({k})" for k, v in out.items()))
     return out
+
+
+def all_ratios(results: dict[str, list[dict]], unit: str) -> dict[str, dict]:
+    """Every ratio between sides present: each of ours vs TRL, and shared vs plain prefix."""
+    pairs = [("ours", "trl"), ("ours_plain", "trl"), ("ours", "ours_plain")]
+    found = {f"{a}/{b}": ratios(results, unit, a, b) for a, b in pairs}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def workspace_for(args: argparse.Namespace, settings: dict) -> Workspace:
     """Prepare the workspace (in a worker unless in-process, so the parent never imports torch)."""
     size = getattr(args, "size", "tiny")
-    config = SIZES[size]
+    config = sized_config(size, getattr(args, "prompt_tokens", 0))
     base = args.workdir or Path(tempfile.gettempdir())
     root = base / f"rlhf-bench-{size}-{_digest([settings, config])}"
     if args.in_process:
@@ -380,6 +432,7 @@ def environment(args: argparse.Namespace) -> dict:
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "threads": args.threads,
         "size": getattr(args, "size", "tiny"),
+        "prompt_tokens": getattr(args, "prompt_tokens", 0),
         "rss_isolated": not args.in_process,
         "quick": args.quick,
     }
@@ -409,10 +462,14 @@ def _fmt(value) -> str:
 
 
 def write_json(args: argparse.Namespace, name: str, payload: dict) -> Path:
-    """benchmarks/results/<name>[.<size>][.quick].json (the size unless tiny; quick: smoke runs)."""
+    """benchmarks/results/<name>[.<size>][.p<prompt tokens>][.quick].json (the size unless tiny,
+    the context length unless 0; quick: smoke runs)."""
     args.results.mkdir(parents=True, exist_ok=True)
-    size = getattr(args, "size", "tiny")
-    suffix = ("" if size == "tiny" else f".{size}") + (".quick" if args.quick else "")
+    size, prompt_tokens = getattr(args, "size", "tiny"), getattr(args, "prompt_tokens", 0)
+    suffix = ("" if size == "tiny" else f".{size}") + (
+        f".p{prompt_tokens}" if prompt_tokens else ""
+    )
+    suffix += ".quick" if args.quick else ""
     path = args.results / f"{name}{suffix}.json"
     payload = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **payload}
     path.write_text(json.dumps(payload, indent=2))

@@ -15,8 +15,14 @@ The time of each of our steps is split into phases by wrapping the functions `Po
 (`sample`, `forward_logprobs`, `decode_responses`, the reward and `_update`)
 with `time.perf_counter`; the same is done on TRL's trainer methods for comparison.
 
+`--prompt-tokens N` puts N words (≈ N tokens) of generated context before every prompt
+(task.context_tokens; the same files for both sides; the models' position limit and our reward's
+max_length are raised to fit, TRL truncates neither prompts nor reward inputs).
+`--shared-prefix on|off|both` runs our side with each prompt once per group of k samples
+(policy.shared_prefix, reward.shared_prefix), without it (side `ours_plain`), or both.
+
     python benchmarks/policy_throughput.py [--quick] [--size tiny|medium] [--runs N] [--prompts P]
-        [--k K] [--tokens T]
+        [--k K] [--tokens T] [--prompt-tokens N] [--shared-prefix on|off|both]
 """
 
 from __future__ import annotations
@@ -150,6 +156,7 @@ def run_ours(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf_lightning.control.beta import FixedBeta
+    from rlhf_lightning.data.encoding import encode_prompts
     from rlhf_lightning.data.prompts import PromptDataModule
     from rlhf_lightning.data.spec import TaskData
     from rlhf_lightning.models.factory import ModelSpec
@@ -162,23 +169,29 @@ def run_ours(spec: dict) -> dict:
     start = time.perf_counter()
     ws = common.Workspace(**spec["workspace"])
     tokenizer = AutoTokenizer.from_pretrained(ws.tokenizer_dir)
+    shared = spec.get("shared_prefix", True)
     ctx = _Context(ModelSpec(config=ws.model_config), Path(ws.reward_dir), tokenizer)
     torch.manual_seed(spec["seed"])
     module = PolicyModule(
         policy=AutoModelForCausalLM.from_pretrained(ws.policy_dir),
         reference=AutoModelForCausalLM.from_pretrained(ws.policy_dir),
-        reward=LearnedReward(path=ws.reward_dir).setup(ctx),
+        reward=LearnedReward(
+            path=ws.reward_dir, max_length=spec.get("reward_max_length", 256), shared_prefix=shared
+        ).setup(ctx),
         tokenizer=tokenizer,
         algorithm=Algorithm(name="rloo", group_size=spec["k"], epochs=1, minibatches=1),
         beta_controller=FixedBeta(spec["beta"]),
         optimizer=partial(torch.optim.AdamW, lr=spec["lr"], weight_decay=0.0, betas=(0.9, 0.95)),
         generation=GenerationSettings(max_new_tokens=spec["tokens"]),
         max_grad_norm=1.0,
+        shared_prefix=shared,
     )
     timer, clock = PhaseTimer(), common.StepClock()
     restore = instrument_ours(module, timer) if spec.get("phases", True) else lambda: None
     data = TaskData(ReviewsTask(**spec["task"]), ws.data_dir)
     datamodule = PromptDataModule(data, tokenizer, spec["prompts"], spec["seed"])
+    prompts = [r.prompt for r in data.load("prompts", "train").records[:256]]
+    prompt_tokens = sum(map(len, encode_prompts(tokenizer, prompts))) / len(prompts)  # as sampled
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -196,7 +209,12 @@ def run_ours(spec: dict) -> dict:
         trainer.fit(module, datamodule=datamodule)
     finally:
         restore()
-    return _result(spec, clock, timer, start, _ours_other)
+    return {**_result(spec, clock, timer, start, _ours_other), "prompt_length": prompt_tokens}
+
+
+def run_ours_plain(spec: dict) -> dict:
+    """Our side without the shared prompt pass (--shared-prefix off/both)."""
+    return run_ours({**spec, "shared_prefix": False})
 
 
 class _Context:
@@ -330,7 +348,12 @@ def run_trl(spec: dict) -> dict:
     return _result(spec, clock, timer, start, _trl_other)
 
 
-WORKERS = {"ours": run_ours, "trl": run_trl, "prepare": common.prepare_worker}
+WORKERS = {
+    "ours": run_ours,
+    "ours_plain": run_ours_plain,
+    "trl": run_trl,
+    "prepare": common.prepare_worker,
+}
 
 
 def policy_spec(args, ws: common.Workspace, settings: dict, **overrides) -> dict:
@@ -345,6 +368,8 @@ def policy_spec(args, ws: common.Workspace, settings: dict, **overrides) -> dict
         "warmup": args.warmup,
         "beta": 0.05,
         "lr": 2e-4,  # conf/algo/rloo.yaml, conf/policy/default.yaml
+        # our reward's truncation length: the model's position limit (256 unless --prompt-tokens)
+        "reward_max_length": max(256, ws.model_config["max_position_embeddings"]),
     }
     return {**spec, **overrides}
 
@@ -376,19 +401,14 @@ def main() -> None:
         args.in_process, args.runs = True, 1
         args.prompts, args.k, args.tokens, args.steps, args.warmup = QUICK[args.size]
     size_defaults(args)
-    sides = ["ours"]
-    if args.ours_only:
-        print("--ours-only: ours only")
-    elif common.has_trl():
-        sides.append("trl")
-    else:
-        print(common.TRL_MISSING)
-    settings = common.task_settings(64, 16, args.seed)
+    sides = common.our_sides(args)
+    settings = common.task_settings(64, 16, args.seed, args.prompt_tokens)
     ws = common.workspace_for(args, settings)
     spec = policy_spec(args, ws, settings)
     print(
         f"policy throughput ({args.size}): {args.prompts} prompts x k={args.k} = {args.prompts * args.k} "
         f"completions/step, T={args.tokens}, {args.steps} steps ({args.warmup} warm-up), "
+        f"context {args.prompt_tokens} tokens, shared prefix {args.shared_prefix}, "
         f"{args.runs} run(s) per side, {args.threads} thread(s)"
     )
     results = common.measure(SCRIPT, args, sides, spec, WORKERS, args.runs)
@@ -411,11 +431,12 @@ def report(args, spec: dict, results: dict[str, list[dict]]) -> None:
         "s/step": "step_s",
         "median s/step": "median_step_s",
         "resp len": "response_length",
+        "prompt len": "prompt_length",
         "setup s": "setup_s",
         "peak RSS MiB": "peak_rss_mb",
     }
     rows = [
-        [side, len(results[side]), *(m[k] for k in columns.values())] for side, m in med.items()
+        [side, len(results[side]), *(m.get(k) for k in columns.values())] for side, m in med.items()
     ]
     common.print_table("policy stage (medians)", ["side", "runs", *columns], rows)
     names = ["step", *PHASES[:-2], "rollout_other", "update", "other"]
@@ -424,8 +445,15 @@ def report(args, spec: dict, results: dict[str, list[dict]]) -> None:
         ["side", *names],
         [[side, *(phases[side].get(n) for n in names)] for side in phases],
     )
-    ratio = common.ratios(results, "completions/s")
-    payload = {"spec": spec, "median": med, "phases": phases, "ratio_completions_per_s": ratio}
+    every = common.all_ratios(results, "completions/s")  # printed; ours/trl as before
+    ratio = every.get("ours/trl")
+    payload = {
+        "spec": spec,
+        "median": med,
+        "phases": phases,
+        "ratio_completions_per_s": ratio,
+        "ratios": every,
+    }
     common.write_json(
         args,
         "policy_throughput",

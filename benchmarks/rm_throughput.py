@@ -10,7 +10,14 @@ checkpointing, logging or progress bars. TRL reads the pairs in its preference f
 post-processor (TRL appends the EOS text), so both sides train on identical token ids (checked).
 After training, one evaluator scores the held-out pairs for both (accuracy = P[r⁺ > r⁻]).
 
+`--prompt-tokens N` puts N words (≈ N tokens) of generated context before every prompt
+(task.context_tokens, the same files for both sides); the max length is raised to N + 128 where
+smaller (nothing is truncated: TRL would drop longer pairs), and the position limit with it.
+`--shared-prefix on|off|both`: our side with a pair's prompt run once (rm.shared_prefix), without
+it (side `ours_plain`), or both.
+
     python benchmarks/rm_throughput.py [--quick] [--size tiny|medium] [--runs N] [--epochs E]
+        [--prompt-tokens N] [--shared-prefix on|off|both]
 """
 
 from __future__ import annotations
@@ -97,6 +104,7 @@ def _result(spec, clock, counts, setup_s, total_s, model, tokenizer, data) -> di
     steps, seconds = clock.steady(spec["warmup"])
     val = data.load("prefs", "val").records
     return {
+        "prompt_length": counts.get("prompt_length"),
         "throughput": steps * spec["batch_size"] / seconds,  # pairs/s
         "step_s": seconds / steps,
         "median_step_s": clock.median_step(spec["warmup"]),
@@ -120,12 +128,14 @@ def run_ours(spec: dict) -> dict:
     start = time.perf_counter()
     ws, data, tokenizer = _load(spec)
     model = build_reward_model(tokenizer, spec["seed"], ws.model_config)
-    counts = count_tokens(model)
+    counts = count_tokens(model)  # (the hook fills this very dict)
+    counts.update(_lengths(data, tokenizer, spec["max_length"], spec.get("prompt_tokens", 0)))
     module = RewardModelModule(
         model,
         optimizer=partial(torch.optim.AdamW, lr=spec["lr"], weight_decay=spec["weight_decay"]),
         scheduler=partial(get_cosine_schedule_with_warmup, num_warmup_steps=spec["warmup_steps"]),
         use_margin=False,
+        shared_prefix=spec.get("shared_prefix", True),
     )
     datamodule = PreferenceDataModule(
         data,
@@ -151,6 +161,25 @@ def run_ours(spec: dict) -> dict:
     trainer.fit(module, datamodule=datamodule)
     total_s = time.perf_counter() - start
     return _result(spec, clock, counts, clock.started - start, total_s, model, tokenizer, data)
+
+
+def _lengths(data, tokenizer, max_length: int, prompt_tokens: int) -> dict:
+    """Mean prompt tokens of the training pairs; with --prompt-tokens, raises if a pair is longer
+    than max_length (we would truncate it, TRL drop it: not the same work)."""
+    from rlhf_lightning.data.preference import encode_pair
+
+    records = data.load("prefs", "train").records
+    items = [encode_pair(tokenizer, r, max_length + 1) for r in records]
+    longest = max(len(ids) for item in items for ids in (item["chosen"], item["rejected"]))
+    if prompt_tokens and longest > max_length:
+        raise RuntimeError(f"a pair has {longest} tokens > max length {max_length}")
+    prompts = [n for item in items for n in item["prompt_lengths"]]
+    return {"prompt_length": sum(prompts) / len(prompts), "longest": longest}
+
+
+def run_ours_plain(spec: dict) -> dict:
+    """Our side without the shared prompt pass (--shared-prefix off/both)."""
+    return run_ours({**spec, "shared_prefix": False})
 
 
 def run_trl(spec: dict) -> dict:
@@ -220,7 +249,12 @@ def _check_same_ids(tokenizer, trl_tokenizer, rows: list[dict], max_length: int)
                 raise RuntimeError(f"TRL tokenises {row!r} differently: {theirs} vs {ours[side]}")
 
 
-WORKERS = {"ours": run_ours, "trl": run_trl, "prepare": common.prepare_worker}
+WORKERS = {
+    "ours": run_ours,
+    "ours_plain": run_ours_plain,
+    "trl": run_trl,
+    "prepare": common.prepare_worker,
+}
 
 
 def size_defaults(args) -> int:
@@ -247,15 +281,11 @@ def main() -> None:
         args.pairs, args.epochs, args.batch_size, args.max_length, val_pairs = QUICK[args.size]
     else:
         val_pairs = size_defaults(args)
-    settings = common.task_settings(args.pairs, val_pairs, args.seed)
+    if args.prompt_tokens:  # room for the context (never truncated) and positions for it
+        args.max_length = max(args.max_length, args.prompt_tokens + 128)
+    settings = common.task_settings(args.pairs, val_pairs, args.seed, args.prompt_tokens)
     steps = args.epochs * -(-args.pairs // args.batch_size)
-    sides = ["ours"]
-    if args.ours_only:
-        print("--ours-only: ours only")
-    elif common.has_trl():
-        sides.append("trl")
-    else:
-        print(common.TRL_MISSING)
+    sides = common.our_sides(args)
     ws = common.workspace_for(args, settings)
     spec = {
         "workspace": vars(ws),
@@ -265,13 +295,15 @@ def main() -> None:
         "warmup": min(5 if args.size == "tiny" else 2, steps - 1),
         "batch_size": args.batch_size,
         "max_length": args.max_length,
+        "prompt_tokens": args.prompt_tokens,
         "lr": 1e-3,
         "weight_decay": 0.01,
         "warmup_steps": min(20, steps // 4),  # conf/rm/default
     }
     print(
         f"RM throughput ({args.size}): {args.pairs} pairs x {args.epochs} epoch(s) = {steps} "
-        f"steps of {args.batch_size} pairs (max length {args.max_length}), {args.runs} run(s) "
+        f"steps of {args.batch_size} pairs (max length {args.max_length}), context "
+        f"{args.prompt_tokens} tokens, shared prefix {args.shared_prefix}, {args.runs} run(s) "
         f"per side, {args.threads} thread(s)"
     )
     results = common.measure(SCRIPT, args, sides, spec, WORKERS, args.runs)
@@ -286,18 +318,21 @@ def report(args, spec: dict, results: dict[str, list[dict]]) -> None:
         "median ms/step": "median_step_s",
         "val acc": "accuracy",
         "pad frac": "padding_fraction",
+        "prompt len": "prompt_length",
         "setup s": "setup_s",
         "total s": "total_s",
         "peak RSS MiB": "peak_rss_mb",
     }
     rows = [
-        [side, len(results[side]), *(m[k] for k in columns.values())] for side, m in med.items()
+        [side, len(results[side]), *(m.get(k) for k in columns.values())] for side, m in med.items()
     ]
     for row in rows:  # seconds -> milliseconds
         row[3], row[4] = row[3] * 1e3, row[4] * 1e3
     common.print_table("reward-model training (medians)", ["side", "runs", *columns], rows)
-    ratio = common.ratios(results, "pairs/s")
-    payload = {"spec": spec, "median": med, "ratio_pairs_per_s": ratio, "runs": results}
+    every = common.all_ratios(results, "pairs/s")  # printed; ours/trl as before
+    ratio = every.get("ours/trl")
+    payload = {"spec": spec, "median": med, "ratio_pairs_per_s": ratio, "ratios": every}
+    payload["runs"] = results
     common.write_json(args, "rm_throughput", {"environment": common.environment(args), **payload})
 
 

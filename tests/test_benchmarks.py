@@ -31,6 +31,8 @@ RUNS = {  # run name -> (script, extra options)
     "rm_medium": ("rm_throughput", ["--size", "medium"]),
     "policy_medium": ("policy_throughput", ["--size", "medium"]),
     "memory": ("memory", []),
+    "rm_long": ("rm_throughput", ["--prompt-tokens", "32", "--shared-prefix", "both"]),
+    "policy_long": ("policy_throughput", ["--prompt-tokens", "32", "--shared-prefix", "both"]),
 }
 HAS_TRL = importlib.util.find_spec("trl") is not None
 
@@ -71,8 +73,11 @@ def finished(quick_runs, name: str, compares_trl: bool = True) -> tuple[str, dic
     if compares_trl:
         expected = "--ours-only: ours only" if HAS_TRL else common.TRL_MISSING
         assert expected in output
-    size = "" if "--size" not in RUNS[name][1] else "." + RUNS[name][1][-1]
-    return output, json.loads((results / f"{script}{size}.quick.json").read_text())
+    extra = RUNS[name][1]
+    suffix = "" if "--size" not in extra else "." + extra[extra.index("--size") + 1]
+    if "--prompt-tokens" in extra:
+        suffix += ".p" + extra[extra.index("--prompt-tokens") + 1]
+    return output, json.loads((results / f"{script}{suffix}.quick.json").read_text())
 
 
 def positive(x) -> bool:
@@ -136,6 +141,31 @@ def test_medium_size_trains_the_medium_model(quick_runs):
         assert positive(run["throughput"]) and positive(run["peak_rss_mb"])
     _, rm = finished(quick_runs, "rm_medium")
     assert rm["spec"]["max_length"] == 512 and rm["runs"]["ours"][0]["steps"] == 4
+
+
+def test_long_prompts_both_ways(quick_runs):
+    """--prompt-tokens 32 --shared-prefix both: 32 words of context before every prompt, room
+    for them (positions, RM max length), our side with and without the shared prompt pass."""
+    for name, unit in (("rm_long", "pairs/s"), ("policy_long", "completions/s")):
+        output, result = finished(quick_runs, name)
+        workspace = result["spec"]["workspace"]
+        assert result["spec"]["task"]["context_tokens"] == 32
+        assert result["environment"]["prompt_tokens"] == 32
+        assert workspace["model_config"]["max_position_embeddings"] == 32 + 256
+        assert list(result["median"]) == ["ours", "ours_plain"]
+        on, off = result["runs"]["ours"][0], result["runs"]["ours_plain"][0]
+        assert on["prompt_length"] == off["prompt_length"] > 32  # context + the task's prompt
+        assert positive(on["throughput"]) and positive(off["throughput"])
+        assert result["ratio_" + unit.replace("/", "_per_")] is None  # no TRL side
+        assert list(result["ratios"]) == ["ours/ours_plain"]
+        assert f"ours / ours_plain {unit}" in output
+    _, rm = finished(quick_runs, "rm_long")
+    assert rm["spec"]["max_length"] == 32 + 128  # raised: no pair is truncated
+    on, off = rm["runs"]["ours"][0], rm["runs"]["ours_plain"][0]
+    # the same training either way (weights equal to ~1e-6): the same held-out accuracy
+    assert on["accuracy"] == pytest.approx(off["accuracy"], abs=1 / 64 + 1e-9)
+    _, policy = finished(quick_runs, "policy_long")
+    assert policy["spec"]["reward_max_length"] == 32 + 256  # the reward never truncates either
 
 
 def test_memory_quick_reports_every_setting(quick_runs):
