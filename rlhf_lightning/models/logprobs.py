@@ -5,9 +5,11 @@ logit at position t−1 predicts the token at position t, and only response posi
 
 Logits only where they are needed (`response_logprobs`): the network's backbone gives hidden
 states [B, T, H]; the output head projects only the N positions that predict a response token,
-in chunks of `chunk_tokens` rows, each recomputed in the backward pass (activation checkpointing
-of the head), so no [B, T, V] tensor — nor [N, V] for more than one chunk — exists at once. At
-a 152k vocabulary that is the difference between 20 GB and a few hundred MB for 64 × 512 tokens.
+in chunks of at most `chunk_tokens` positions and at most `LOGITS_BUDGET` logits (so a chunk
+holds ≤ 256 MiB of float32 logits whatever the vocabulary: 441 positions at 152k), each chunk
+recomputed in the backward pass (activation checkpointing of the head), so no [B, T, V] tensor —
+nor [N, V] for more than one chunk — exists at once. Measured (benchmarks/README.md): one update
+at a 152k vocabulary, 4 × 512 tokens, 5,983 MiB with full logits against 647 MiB.
 A model whose logits are not `head(backbone(x))` (logit soft-capping, scaling) is found by a
 one-time check and scored through its own forward with `logits_to_keep` instead, never wrongly.
 
@@ -28,7 +30,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from transformers import LogitsProcessor, PreTrainedModel
 
-CHUNK_TOKENS = 2048  # positions projected onto the vocabulary at once (× V floats each)
+CHUNK_TOKENS = 2048  # positions projected onto the vocabulary at once, at most
+LOGITS_BUDGET = 2**26  # logits per chunk at most (256 MiB in float32): fewer positions at big V
 
 
 def _restrict(logits: Tensor, allowed_token_ids: Tensor | None) -> Tensor:
@@ -219,7 +222,9 @@ def _chunked_scores(features, labels, project, temperature, allowed, entropy, ch
     if len(labels) == 0:
         empty = features.new_zeros(0, dtype=torch.float32)
         return empty + features.sum() * 0, empty
-    pieces = list(zip(features.split(chunk_tokens), labels.split(chunk_tokens)))
+    vocab = features.shape[-1] if project is None else project.weight.shape[0]
+    size = max(1, min(chunk_tokens, LOGITS_BUDGET // max(vocab, 1)))
+    pieces = list(zip(features.split(size), labels.split(size)))
     remat = features.requires_grad and len(pieces) > 1 and project is not None
     lps, ents = [], []
     for feats, labs in pieces:

@@ -161,8 +161,10 @@ class DPOModule(MicroBatchedModule):
         return batch["input_ids"].shape[0] // 2
 
     def unit_lengths(self, batch: dict) -> list[int]:
+        """Padded tokens of a pair: both its sequences at the longer one's length, so a token
+        budget counts every position a micro-batch's forward computes."""
         chosen, rejected = batch["attention_mask"].sum(-1).chunk(2)
-        return torch.maximum(chosen, rejected).tolist()
+        return (2 * torch.maximum(chosen, rejected)).tolist()
 
     def select(self, batch: dict, idx: torch.Tensor) -> dict:
         rows = torch.cat([idx, idx + self.units(batch)])  # chosen rows, then their rejected rows
