@@ -290,6 +290,20 @@ def _unwrap_peft(model):
     return get_base() if callable(get_base) else model
 
 
+@contextlib.contextmanager
+def probing(hf):
+    """Eval mode and no grad for a one-time probe; every module's train/eval flag restored after
+    (the policy's checkpointed layers keep theirs)."""
+    modes = [(m, m.training) for m in hf.modules()]
+    try:
+        hf.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
 def _head_is_exact(hf: PreTrainedModel) -> bool:
     """Whether hf's logits are exactly head(backbone(x)) — checked once per model object on a
     4-token input in eval mode (soft-capping or logit scaling would fail it)."""
@@ -299,12 +313,10 @@ def _head_is_exact(hf: PreTrainedModel) -> bool:
     if hf.base_model is hf or hf.get_output_embeddings() is None:  # no backbone + head to call
         hf._rlhf_head_is_exact = False
         return False
-    modes = [(m, m.training) for m in hf.modules()]
     device = next(hf.parameters()).device
     ids = torch.arange(4, device=device)[None] % hf.get_input_embeddings().num_embeddings
     try:
-        hf.eval()
-        with torch.no_grad():
+        with probing(hf):
             whole = hf(input_ids=ids).logits.float()
             split = hf.get_output_embeddings()(hf.base_model(input_ids=ids).last_hidden_state)
         exact = whole.shape == split.shape and torch.allclose(
@@ -312,9 +324,6 @@ def _head_is_exact(hf: PreTrainedModel) -> bool:
         )
     except Exception:  # an unusual architecture: use its own forward
         exact = False
-    finally:
-        for module, mode in modes:
-            module.training = mode
     hf._rlhf_head_is_exact = bool(exact)
     return hf._rlhf_head_is_exact
 
@@ -402,7 +411,6 @@ def _shared_prefix_is_exact(hf) -> bool:
     cached = getattr(hf, "_rlhf_shared_prefix_is_exact", None)
     if cached is not None:
         return cached
-    modes = [(m, m.training) for m in hf.modules()]
     device = next(hf.parameters()).device
     vocab, pad = hf.get_input_embeddings().num_embeddings, hf.config.pad_token_id
     tokens = [i for i in range(1, 12) if i != pad and i < vocab]
@@ -412,8 +420,7 @@ def _shared_prefix_is_exact(hf) -> bool:
     mask[1, 6:] = 0  # a response that ended early
     exact = False
     try:
-        hf.eval()
-        with torch.no_grad():
+        with probing(hf):
             plain = hf.base_model(
                 input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)
             ).last_hidden_state[:, 3:]
@@ -423,8 +430,5 @@ def _shared_prefix_is_exact(hf) -> bool:
         why = "its shared-prefix states differ from the plain pass"
     except Exception as err:  # no external cache, or another cache layout
         why = f"it cannot run a prompt's cache against its responses ({type(err).__name__})"
-    finally:
-        for module, mode in modes:
-            module.training = mode
     hf._rlhf_shared_prefix_is_exact = exact or _fall_back(hf, why)
     return hf._rlhf_shared_prefix_is_exact

@@ -23,7 +23,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rlhf_lightning.models.logprobs import _can_share, _shared_prefix_states, head_model
+from rlhf_lightning.models.logprobs import (
+    _can_share,
+    _shared_prefix_states,
+    head_model,
+    probing,
+)
 
 
 def reward_scores(
@@ -102,22 +107,17 @@ def _score_head_is_exact(hf) -> bool:
     head = getattr(hf, "score", None)
     exact = False
     if isinstance(head, nn.Linear) and head.out_features == 1 and hf.base_model is not hf:
-        modes = [(m, m.training) for m in hf.modules()]
         device = head.weight.device
         vocab, pad = hf.get_input_embeddings().num_embeddings, hf.config.pad_token_id
         ids = [i for i in range(1, 8) if i != pad and i < vocab][:4]
         x = torch.tensor([ids], device=device)
         try:
-            hf.eval()
-            with torch.no_grad():
+            with probing(hf):
                 whole = hf(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, 0].float()
                 ours = reward_scores_unchecked(hf, x, torch.ones_like(x))
             exact = bool(torch.allclose(whole, ours, rtol=1e-3, atol=1e-4))
         except Exception:  # an unusual architecture: use its own forward
             exact = False
-        finally:
-            for module, mode in modes:
-                module.training = mode
     hf._rlhf_score_is_exact = exact
     return exact
 
