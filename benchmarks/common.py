@@ -15,6 +15,7 @@ level, so the parent process stays small.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -140,13 +141,29 @@ def peak_rss_mb() -> float:
 
 
 class StepClock:
-    """When each optimisation step ended; `steady(warmup)`: (steps, seconds) after the warm-up."""
+    """When each optimisation step ended; `steady(warmup)`: (steps, seconds) after the warm-up.
+
+    Time spent in `paused()` (held-out evaluation between steps) is left out of every figure: the
+    clock reads training time only, so a side that evaluates is not charged for it.
+    """
 
     def __init__(self) -> None:
         self.ends: list[float] = []
+        self.excluded = 0.0
+
+    def now(self) -> float:
+        return time.perf_counter() - self.excluded
 
     def mark(self) -> None:
-        self.ends.append(time.perf_counter())
+        self.ends.append(self.now())
+
+    @contextlib.contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - start
 
     def steady(self, warmup: int) -> tuple[int, float]:
         if len(self.ends) <= warmup:
@@ -155,7 +172,7 @@ class StepClock:
         return len(self.ends) - warmup, self.ends[-1] - start
 
     def start(self) -> None:
-        self.started = time.perf_counter()
+        self.started = self.now()
 
     def median_step(self, warmup: int) -> float:
         """Median duration of the steps after the warm-up (robust to load spikes)."""
@@ -163,8 +180,25 @@ class StepClock:
         return statistics.median(b - a for a, b in zip(ends, ends[1:]))
 
 
-def lightning_clock(clock: StepClock):
-    """A Lightning callback marking the end of each training batch on `clock`."""
+class Probe:
+    """Held-out evaluation every `every` steps (and after the last), off the clock: a learning
+    curve `[(step, training seconds, value), ...]`, the same evaluator for every side."""
+
+    def __init__(self, clock: StepClock, evaluate: Callable[[], float], every: int, steps: int):
+        self.clock, self.evaluate, self.every, self.steps = clock, evaluate, every, steps
+        self.curve: list[tuple[int, float, float]] = []
+
+    def after_step(self) -> None:
+        self.clock.mark()
+        step = len(self.clock.ends)
+        if self.every and (step % self.every == 0 or step == self.steps):
+            with self.clock.paused():
+                self.curve.append((step, self.clock.ends[-1] - self.clock.started, self.evaluate()))
+
+
+def lightning_clock(clock: StepClock, probe: Probe | None = None):
+    """A Lightning callback marking the end of each training batch on `clock` (and evaluating
+    with `probe` when given)."""
     import lightning as L
 
     quiet_lightning()
@@ -174,13 +208,14 @@ def lightning_clock(clock: StepClock):
             clock.start()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            clock.mark()
+            probe.after_step() if probe else clock.mark()
 
     return _Clock()
 
 
-def trl_clock(clock: StepClock):
-    """A transformers `TrainerCallback` marking the end of each optimisation step on `clock`."""
+def trl_clock(clock: StepClock, probe: Probe | None = None):
+    """A transformers `TrainerCallback` marking the end of each optimisation step on `clock` (and
+    evaluating with `probe` when given)."""
     from transformers import TrainerCallback
 
     class _Clock(TrainerCallback):
@@ -188,9 +223,20 @@ def trl_clock(clock: StepClock):
             clock.start()
 
         def on_step_end(self, args, state, control, **kwargs):
-            clock.mark()
+            probe.after_step() if probe else clock.mark()
 
     return _Clock()
+
+
+def time_to_target(curve: Sequence[Sequence[float]], target: float) -> float | None:
+    """Training seconds at the first evaluation reaching `target` (None: never reached)."""
+    return next((seconds for _, seconds, value in curve if value >= target), None)
+
+
+def value_at(curve: Sequence[Sequence[float]], seconds: float) -> float | None:
+    """The last evaluated value at or before `seconds` of training (None: none yet)."""
+    found = [value for _, at, value in curve if at <= seconds]
+    return found[-1] if found else None
 
 
 @dataclass

@@ -16,12 +16,21 @@ smaller (nothing is truncated: TRL would drop longer pairs), and the position li
 `--shared-prefix on|off|both`: our side with a pair's prompt run once (rm.shared_prefix), without
 it (side `ours_plain`), or both.
 
+Learning per pair and per second (issue 15): `--eval-every K` scores the held-out pairs every K
+steps with the clock paused, giving each run a learning curve (step, training seconds, accuracy);
+the report adds the time to a target accuracy (`--target`, default: the lower side's mean final
+accuracy minus 0.01) and each side's accuracy at equal training time (the shorter side's).
+`--seeds 0 1 2` repeats everything per seed (own pairs, own init); accuracies are then given as
+mean ± std over seeds. `--factors shuffle ...` adds our side with one setting changed (FACTORS).
+
     python benchmarks/rm_throughput.py [--quick] [--size tiny|medium] [--runs N] [--epochs E]
-        [--prompt-tokens N] [--shared-prefix on|off|both]
+        [--prompt-tokens N] [--shared-prefix on|off|both] [--eval-every K] [--target ACC]
+        [--seeds S ...] [--val-pairs N] [--factors NAME ...]
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +43,13 @@ SCRIPT = Path(__file__).resolve()
 # per --size: (pairs, epochs, batch size, max length, held-out pairs); options given win
 SIZE_DEFAULTS = {"tiny": (2048, 3, 32, 128, 512), "medium": (384, 1, 32, 512, 128)}
 QUICK = {"tiny": (256, 1, 32, 128, 64), "medium": (32, 1, 8, 512, 16)}
+# --factors: our side with one setting changed (side `ours_<name>`), for per-factor tables
+FACTORS = {
+    "shuffle": {"length_group": 1},  # uniform batches, as TRL samples (no length grouping)
+    "decay_all": {"no_decay": []},  # weight decay on biases, norms and embeddings too
+    "zero_head": {"score_init_std": 0.0},  # every score starts at 0
+    "constant_lr": {"scheduler": False},  # no warm-up, no cosine decay
+}
 
 
 def build_reward_model(tokenizer, seed: int, config: dict):
@@ -111,6 +127,7 @@ def _result(spec, clock, counts, setup_s, total_s, model, tokenizer, data) -> di
         "steps": len(clock.ends),
         "setup_s": setup_s,
         "total_s": total_s,
+        "train_s": clock.ends[-1] - clock.started,  # first to last step, evaluations excluded
         "padding_fraction": 1 - counts["real"] / max(counts["padded"], 1),
         "accuracy": pair_accuracy(model, tokenizer, val, spec["max_length"]),
     }
@@ -130,12 +147,18 @@ def run_ours(spec: dict) -> dict:
     model = build_reward_model(tokenizer, spec["seed"], ws.model_config)
     counts = count_tokens(model)  # (the hook fills this very dict)
     counts.update(_lengths(data, tokenizer, spec["max_length"], spec.get("prompt_tokens", 0)))
+    factor = spec.get("factor", {})
+    if factor.get("score_init_std") is not None:
+        with torch.no_grad():
+            model.score.weight.normal_(0.0, factor["score_init_std"])
+    scheduler = partial(get_cosine_schedule_with_warmup, num_warmup_steps=spec["warmup_steps"])
     module = RewardModelModule(
         model,
         optimizer=partial(torch.optim.AdamW, lr=spec["lr"], weight_decay=spec["weight_decay"]),
-        scheduler=partial(get_cosine_schedule_with_warmup, num_warmup_steps=spec["warmup_steps"]),
+        scheduler=scheduler if factor.get("scheduler", True) else None,
         use_margin=False,
         shared_prefix=spec.get("shared_prefix", True),
+        **({"no_decay": factor["no_decay"]} if "no_decay" in factor else {}),
     )
     datamodule = PreferenceDataModule(
         data,
@@ -143,8 +166,10 @@ def run_ours(spec: dict) -> dict:
         batch_size=spec["batch_size"],
         max_length=spec["max_length"],
         seed=spec["seed"],
+        length_group=factor.get("length_group", 50),
     )
     clock = common.StepClock()
+    probe = _probe(spec, clock, model, tokenizer, data)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -156,11 +181,24 @@ def run_ours(spec: dict) -> dict:
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[common.lightning_clock(clock)],
+        callbacks=[common.lightning_clock(clock, probe)],
     )
     trainer.fit(module, datamodule=datamodule)
     total_s = time.perf_counter() - start
-    return _result(spec, clock, counts, clock.started - start, total_s, model, tokenizer, data)
+    result = _result(spec, clock, counts, clock.started - start, total_s, model, tokenizer, data)
+    return {**result, "curve": probe.curve}
+
+
+def _probe(spec: dict, clock, model, tokenizer, data):
+    """Held-out accuracy every `eval_every` steps, the model put back in training mode after."""
+    val = data.load("prefs", "val").records
+
+    def evaluate() -> float:
+        accuracy = pair_accuracy(model, tokenizer, val, spec["max_length"])
+        model.train()
+        return accuracy
+
+    return common.Probe(clock, evaluate, spec.get("eval_every", 0), spec["steps"])
 
 
 def _lengths(data, tokenizer, max_length: int, prompt_tokens: int) -> dict:
@@ -197,6 +235,7 @@ def run_trl(spec: dict) -> dict:
     model = build_reward_model(tokenizer, spec["seed"], ws.model_config)
     counts = count_tokens(model)
     clock = common.StepClock()
+    probe = _probe(spec, clock, model, tokenizer, data)
     with tempfile.TemporaryDirectory(prefix="trl-rm-") as out:
         config = RewardConfig(
             output_dir=out,
@@ -228,12 +267,13 @@ def run_trl(spec: dict) -> dict:
             args=config,
             train_dataset=Dataset.from_list(rows),
             processing_class=trl_tokenizer,
-            callbacks=[common.trl_clock(clock)],
+            callbacks=[common.trl_clock(clock, probe)],
         )
         trainer.remove_callback(PrinterCallback)
         trainer.train()
     total_s = time.perf_counter() - start
-    return _result(spec, clock, counts, clock.started - start, total_s, model, tokenizer, data)
+    result = _result(spec, clock, counts, clock.started - start, total_s, model, tokenizer, data)
+    return {**result, "curve": probe.curve}
 
 
 def _check_same_ids(tokenizer, trl_tokenizer, rows: list[dict], max_length: int) -> None:
@@ -249,11 +289,17 @@ def _check_same_ids(tokenizer, trl_tokenizer, rows: list[dict], max_length: int)
                 raise RuntimeError(f"TRL tokenises {row!r} differently: {theirs} vs {ours[side]}")
 
 
+def run_factor(spec: dict, name: str) -> dict:
+    """Our side with one setting of FACTORS changed (side `ours_<name>`)."""
+    return run_ours({**spec, "factor": FACTORS[name]})
+
+
 WORKERS = {
     "ours": run_ours,
     "ours_plain": run_ours_plain,
     "trl": run_trl,
     "prepare": common.prepare_worker,
+    **{f"ours_{name}": partial(run_factor, name=name) for name in FACTORS},
 }
 
 
@@ -264,7 +310,7 @@ def size_defaults(args) -> int:
     args.epochs = args.epochs or epochs
     args.batch_size = args.batch_size or batch_size
     args.max_length = args.max_length or max_length
-    return val_pairs
+    return args.val_pairs or val_pairs
 
 
 def main() -> None:
@@ -273,6 +319,11 @@ def main() -> None:
     p.add_argument("--epochs", type=int, help="passes over the pairs (tiny 3 as conf, medium 1)")
     p.add_argument("--batch-size", type=int, help="pairs per step (32)")
     p.add_argument("--max-length", type=int, help="tokens per sequence (tiny 128, medium 512)")
+    p.add_argument("--val-pairs", type=int, help="held-out pairs (tiny 512, medium 128)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between held-out scorings")
+    p.add_argument("--target", type=float, help="accuracy for the time-to-target column")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds to repeat over (default --seed)")
+    p.add_argument("--factors", nargs="*", default=[], choices=sorted(FACTORS))
     args = p.parse_args()
     if args.worker:
         return common.worker_main(args, WORKERS)
@@ -283,30 +334,38 @@ def main() -> None:
         val_pairs = size_defaults(args)
     if args.prompt_tokens:  # room for the context (never truncated) and positions for it
         args.max_length = max(args.max_length, args.prompt_tokens + 128)
-    settings = common.task_settings(args.pairs, val_pairs, args.seed, args.prompt_tokens)
     steps = args.epochs * -(-args.pairs // args.batch_size)
     sides = common.our_sides(args)
-    ws = common.workspace_for(args, settings)
-    spec = {
-        "workspace": vars(ws),
-        "task": settings,
-        "seed": args.seed,
-        "steps": steps,
-        "warmup": min(5 if args.size == "tiny" else 2, steps - 1),
-        "batch_size": args.batch_size,
-        "max_length": args.max_length,
-        "prompt_tokens": args.prompt_tokens,
-        "lr": 1e-3,
-        "weight_decay": 0.01,
-        "warmup_steps": min(20, steps // 4),  # conf/rm/default
-    }
+    at = sides.index("trl") if "trl" in sides else len(sides)
+    sides[at:at] = [f"ours_{name}" for name in args.factors]  # ours, ours_<factor>..., trl
+    seeds = args.seeds or [args.seed]
     print(
         f"RM throughput ({args.size}): {args.pairs} pairs x {args.epochs} epoch(s) = {steps} "
         f"steps of {args.batch_size} pairs (max length {args.max_length}), context "
         f"{args.prompt_tokens} tokens, shared prefix {args.shared_prefix}, {args.runs} run(s) "
-        f"per side, {args.threads} thread(s)"
+        f"per side, {args.threads} thread(s), seeds {seeds}, held-out pairs {val_pairs}"
     )
-    results = common.measure(SCRIPT, args, sides, spec, WORKERS, args.runs)
+    results: dict[str, list[dict]] = {side: [] for side in sides}
+    for seed in seeds:
+        args.seed = seed
+        settings = common.task_settings(args.pairs, val_pairs, seed, args.prompt_tokens)
+        ws = common.workspace_for(args, settings)
+        spec = {
+            "workspace": vars(ws),
+            "task": settings,
+            "seed": seed,
+            "steps": steps,
+            "warmup": min(5 if args.size == "tiny" else 2, steps - 1),
+            "batch_size": args.batch_size,
+            "max_length": args.max_length,
+            "prompt_tokens": args.prompt_tokens,
+            "lr": 1e-3,
+            "weight_decay": 0.01,
+            "warmup_steps": min(20, steps // 4),  # conf/rm/default
+            "eval_every": args.eval_every,
+        }
+        for side, runs in common.measure(SCRIPT, args, sides, spec, WORKERS, args.runs).items():
+            results[side] += [{**run, "seed": seed} for run in runs]
     report(args, spec, results)
 
 
@@ -332,8 +391,56 @@ def report(args, spec: dict, results: dict[str, list[dict]]) -> None:
     every = common.all_ratios(results, "pairs/s")  # printed; ours/trl as before
     ratio = every.get("ours/trl")
     payload = {"spec": spec, "median": med, "ratio_pairs_per_s": ratio, "ratios": every}
+    payload["learning"] = learning(args, results)
     payload["runs"] = results
     common.write_json(args, "rm_throughput", {"environment": common.environment(args), **payload})
+
+
+def learning(args, results: dict[str, list[dict]]) -> dict | None:
+    """Accuracy over seeds, time to the target accuracy and accuracy at equal training time.
+
+    Per seed, a side's runs are summarised by their medians; the table gives mean ± std over
+    seeds. Equal time: per seed, the shorter of the sides' median training times; each side's
+    accuracy is its last evaluation at or before it. Printed, and returned for the JSON."""
+    if not any(run.get("curve") for runs in results.values() for run in runs):
+        return None
+    seeds = sorted({run["seed"] for runs in results.values() for run in runs})
+    per_seed = {side: {seed: [r for r in runs if r["seed"] == seed] for seed in seeds}
+                for side, runs in results.items()}  # fmt: skip
+    final = {side: [common.median(by[seed], "accuracy") for seed in seeds]
+             for side, by in per_seed.items()}  # fmt: skip
+    target = args.target or min(statistics.mean(v) for v in final.values()) - 0.01
+    trained = {side: [common.median(by[seed], "train_s") for seed in seeds]
+               for side, by in per_seed.items()}  # fmt: skip
+    equal = [min(t[i] for t in trained.values()) for i in range(len(seeds))]
+    rows, out = [], {"target": target, "seeds": seeds, "equal_time_s": equal, "sides": {}}
+    for side, by in per_seed.items():
+        reach = [_median_or_none([common.time_to_target(r["curve"], target) for r in by[seed]])
+                 for seed in seeds]  # fmt: skip
+        at_equal = [_median_or_none([common.value_at(r["curve"], equal[i]) for r in by[seed]])
+                    for i, seed in enumerate(seeds)]  # fmt: skip
+        side_out = {"final": final[side], "train_s": trained[side], "time_to_target_s": reach,
+                    "accuracy_at_equal_time": at_equal}  # fmt: skip
+        out["sides"][side] = side_out
+        rows.append([side, len(seeds), _mean_std(final[side]), _mean_std(reach),
+                     _mean_std(at_equal), _mean_std(trained[side])])  # fmt: skip
+    header = ["side", "seeds", "final acc", f"s to {target:.3f}", "acc at equal s", "train s"]
+    common.print_table("learning per pair and per second (mean ± std over seeds)", header, rows)
+    return out
+
+
+def _median_or_none(values: list) -> float | None:
+    found = [v for v in values if v is not None]
+    return statistics.median(found) if len(found) == len(values) and found else None
+
+
+def _mean_std(values: list) -> str:
+    """'mean ± std' of the values, or 'not reached (k/n)' when some are None."""
+    found = [v for v in values if v is not None]
+    if len(found) < len(values):
+        return f"not reached ({len(values) - len(found)}/{len(values)})"
+    spread = statistics.stdev(found) if len(found) > 1 else 0.0
+    return f"{statistics.mean(found):.3f} ± {spread:.3f}"
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import memory  # noqa: E402
 import policy_throughput  # noqa: E402
 
 RUNS = {  # run name -> (script, extra options)
-    "rm_throughput": ("rm_throughput", []),
+    "rm_throughput": ("rm_throughput", ["--eval-every", "3", "--factors", "shuffle"]),
     "policy_throughput": ("policy_throughput", []),
     "scaling": ("scaling", []),
     "rm_medium": ("rm_throughput", ["--size", "medium"]),
@@ -86,7 +86,8 @@ def positive(x) -> bool:
 
 def test_rm_quick_reports_ours_only(quick_runs):
     output, result = finished(quick_runs, "rm_throughput")
-    assert list(result["median"]) == ["ours"] and result["ratio_pairs_per_s"] is None
+    assert list(result["median"]) == ["ours", "ours_shuffle"]
+    assert result["ratio_pairs_per_s"] is None
     assert "ours / TRL" not in output
     run = result["runs"]["ours"][0]
     batch = result["spec"]["batch_size"]
@@ -97,6 +98,18 @@ def test_rm_quick_reports_ours_only(quick_runs):
     assert 0.0 <= run["accuracy"] <= 1.0 and 0.0 <= run["padding_fraction"] < 1.0
     assert positive(run["peak_rss_mb"]) and positive(run["setup_s"])
     assert "reward-model training" in output
+    # the learning curve: every 3rd step and the last, evaluations off the training clock
+    assert [step for step, _, _ in run["curve"]] == [3, 6, 8]
+    seconds = [at for _, at, _ in run["curve"]]
+    assert seconds == sorted(seconds) and seconds[-1] == pytest.approx(run["train_s"])
+    assert run["curve"][-1][2] == run["accuracy"]  # the same evaluator, the same weights
+    learning = result["learning"]
+    assert learning["target"] == pytest.approx(
+        min(v["final"][0] for v in learning["sides"].values()) - 0.01
+    )
+    for side in learning["sides"].values():  # reached by construction: below the final accuracy
+        assert 0 < side["time_to_target_s"][0] <= side["train_s"][0]
+    assert "learning per pair and per second" in output
 
 
 def test_policy_quick_reports_phases(quick_runs):
