@@ -112,6 +112,59 @@ def test_degenerate_flags():
     assert fixed["degenerate"].tolist() == [0.0]
 
 
+def test_shuffle_words_keeps_the_words_the_last_and_the_leading_space():
+    import random
+
+    from rlhf_lightning.evaluate.rm import shuffle_words
+
+    text = " the plot was very good but the ending felt slow ."
+    out = shuffle_words(text, random.Random(3))
+    assert out != text and out.startswith(" ") and out.endswith(" .")
+    assert sorted(out.split()) == sorted(text.split())
+    assert shuffle_words(" fine .", random.Random(0)) == " fine ."  # nothing to shuffle
+
+
+class _Judge:
+    """A stand-in reward model: `score(response)` for every response, as `LearnedReward.raw`."""
+
+    def __init__(self, score):
+        self.score = score
+
+    def raw(self, prompts, responses):
+        import torch
+
+        return torch.tensor([self.score(r) for r in responses], dtype=torch.float64)
+
+
+def test_word_order_probe_tells_a_bag_of_words_judge_from_a_reader():
+    from rlhf_lightning.data.records import PreferenceRecord
+    from rlhf_lightning.evaluate.rm import word_order_probe
+    from rlhf_lightning.tasks import reviews_grammar as grammar
+    from rlhf_lightning.tasks.reviews import ReviewsTask
+
+    rng = __import__("random").Random(0)
+    pairs = [
+        PreferenceRecord("review of :", grammar.sample_response(rng), grammar.sample_response(rng))
+        for _ in range(64)
+    ]
+    task = ReviewsTask()
+
+    def probe(score):
+        judge = _Judge(score)
+        scores = tuple(
+            judge.raw(None, [getattr(p, s) for p in pairs]).numpy() for s in ("chosen", "rejected")
+        )
+        return {
+            k: float(v.mean()) for k, v in word_order_probe(judge, task, pairs, scores, 0).items()
+        }
+
+    bag = probe(lambda r: sum(grammar.ADJECTIVES.get(w, 0.0) for w in r.split()))
+    assert bag["order_sensitivity"] == 0.0 and bag["order_preference"] == 0.5  # ties: one half
+    reader = probe(grammar.gold_score)  # gold reads sentences: a shuffle breaks them
+    assert reader["order_preference"] == reader["gold_order_preference"] > 0.9
+    assert reader["order_sensitivity"] > 0.5
+
+
 def test_checkpoint_arguments_are_read_as_checkpoint_keys():
     spec = importlib.util.spec_from_file_location("eval_entry", REPO / "eval.py")
     module = importlib.util.module_from_spec(spec)
@@ -261,8 +314,11 @@ def test_eval_rm_mode_accuracy_calibration_and_reliability_plot(trained, tmp_pat
     result, out = _run_eval(["mode=rm", "logger=tensorboard"], root, tmp_path)
     metrics = result["metrics"]
     assert result["n_pairs"] == 64  # the task's test pairs (task.n_pairs_test=64)
-    for key in ("accuracy", "gold_agreement", "label_gold_agreement", "bayes_accuracy"):
+    keys = ("accuracy", "gold_agreement", "label_gold_agreement", "bayes_accuracy")
+    for key in (*keys, "order_preference", "gold_order_preference"):
         assert 0 <= metrics[key]["lo"] <= metrics[key]["mean"] <= metrics[key]["hi"] <= 1, key
+    assert metrics["gold_order_preference"]["mean"] > 0.9  # shuffled reviews break the grammar
+    assert metrics["order_sensitivity"]["mean"] >= 0
     card = json.loads((root / "data/reviews/card.json").read_text())
     assert metrics["bayes_accuracy"]["mean"] == pytest.approx(
         card["bayes_accuracy"]["test"], abs=1e-5

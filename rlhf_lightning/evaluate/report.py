@@ -31,6 +31,9 @@ RM_ROWS = [
     ("bayes_accuracy", "Bayes ceiling σ(|g⁺−g⁻|/τ)"),
     ("margin", "mean margin r⁺ − r⁻"),
     ("confidence", "mean confidence σ(|r⁺ − r⁻|)"),
+    ("order_preference", "prefers a response to its word-shuffled copy"),
+    ("gold_order_preference", "  gold, the same"),
+    ("order_sensitivity", "order sensitivity: mean shift of r when shuffled, / std r"),
 ]
 
 

@@ -6,9 +6,19 @@ The RM's raw Bradley–Terry margin Δ = r⁺ − r⁻ is a probability statemen
 (`stats.pairwise_confidence`, ECE). On a built-in task the labels are Bradley–Terry samples under
 gold at temperature τ, so no judge can beat the Bayes accuracy σ(|g⁺ − g⁻| / τ) per pair on
 average, and agreement with gold (the RM prefers the higher-gold response) is what it learnt.
+
+Word order (`order_probe`): every response is scored again with its words shuffled (the last word,
+which often carries an end-of-turn marker or the final ".", stays last). An RM that reads text
+as a bag of words scores both alike: `order_preference` — how often r(y) > r(shuffled y) — is
+then ≈ 0.5 where a reader of sentences gives ≈ 1, and `order_sensitivity` = mean |r(y) −
+r(shuffled y)| / std r(y) is small. Such an RM is blind to repeated or swapped words and is the
+first thing a policy exploits (piling up praise in any order); on a built-in task gold's own
+preference for the original is reported beside it.
 """
 
 from __future__ import annotations
+
+import random
 
 import numpy as np
 
@@ -41,6 +51,8 @@ def evaluate_reward_model(ctx: EvalContext) -> dict:
         values["label_gold_agreement"] = _agreement(np.ones_like(margin), gold_margin)
         if tau is not None:
             values["bayes_accuracy"] = 1.0 / (1.0 + np.exp(-np.abs(gold_margin) / tau))
+    if cfg.order_probe:
+        values.update(word_order_probe(judge, task, pairs, (chosen, rejected), cfg.seed))
     n_bins = cfg.calibration_bins
     return {
         "mode": "rm",
@@ -58,6 +70,44 @@ def evaluate_reward_model(ctx: EvalContext) -> dict:
             "rejected": rejected.tolist(),
         },
     }
+
+
+def word_order_probe(judge, task, pairs, scores: tuple, seed: int) -> dict[str, np.ndarray]:
+    """Per pair [N]: the share of its responses scored above their word-shuffled copies, and
+    mean |r(y) − r(shuffled y)| / std r(y); with a task, gold's share too. Responses of fewer
+    than three words (nothing to shuffle) count one half and 0."""
+    prompts = [p.prompt for p in pairs]
+    texts = [p.chosen for p in pairs] + [p.rejected for p in pairs]  # [2N]
+    shuffled = [shuffle_words(t, random.Random(f"{seed}/order/{i}")) for i, t in enumerate(texts)]
+    usable = np.array([s != t for s, t in zip(shuffled, texts)])  # [2N]
+    original = np.concatenate(scores)  # [2N]
+    again = judge.raw(prompts * 2, shuffled).double().numpy()  # [2N]
+    scale = original.std() or 1.0
+    out = {
+        "order_preference": np.where(
+            usable, _agreement(original - again, np.ones_like(again)), 0.5
+        ),
+        "order_sensitivity": np.where(usable, np.abs(original - again) / scale, 0.0),
+    }
+    if task is not None:
+        gold = _numpy(task.gold_reward(prompts * 2, texts)) - _numpy(
+            task.gold_reward(prompts * 2, shuffled)
+        )
+        out["gold_order_preference"] = np.where(usable, _agreement(gold, np.ones_like(gold)), 0.5)
+    n = len(pairs)
+    return {k: (v[:n] + v[n:]) / 2 for k, v in out.items()}  # per pair: its two responses
+
+
+def shuffle_words(text: str, rng: random.Random) -> str:
+    """`text` with its whitespace-separated words but the last shuffled (leading space kept);
+    the text itself when that leaves it unchanged."""
+    words = text.split()
+    if len(words) < 3:
+        return text
+    head = words[:-1]
+    rng.shuffle(head)
+    lead = text[: len(text) - len(text.lstrip())]
+    return lead + " ".join([*head, words[-1]])
 
 
 def _agreement(margin: np.ndarray, gold_margin: np.ndarray) -> np.ndarray:
