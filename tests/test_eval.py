@@ -318,6 +318,11 @@ def test_eval_rm_mode_accuracy_calibration_and_reliability_plot(trained, tmp_pat
     for key in (*keys, "order_preference", "gold_order_preference"):
         assert 0 <= metrics[key]["lo"] <= metrics[key]["mean"] <= metrics[key]["hi"] <= 1, key
     assert metrics["gold_order_preference"]["mean"] > 0.9  # shuffled reviews break the grammar
+    parts = [metrics[f"accuracy/{name}"] for name in ("well_formed", "malformed")]
+    assert sum(p["n"] for p in parts) == 64  # every pair in one of the two
+    weighted = sum(p["mean"] * p["n"] for p in parts) / 64
+    assert weighted == pytest.approx(metrics["accuracy"]["mean"])
+    assert "pairs with a malformed response" in (out / "eval.md").read_text()
     assert metrics["order_sensitivity"]["mean"] >= 0
     card = json.loads((root / "data/reviews/card.json").read_text())
     assert metrics["bayes_accuracy"]["mean"] == pytest.approx(

@@ -53,13 +53,16 @@ def evaluate_reward_model(ctx: EvalContext) -> dict:
             values["bayes_accuracy"] = 1.0 / (1.0 + np.exp(-np.abs(gold_margin) / tau))
     if cfg.order_probe:
         values.update(word_order_probe(judge, task, pairs, (chosen, rejected), cfg.seed))
+    metrics = {k: stats.bootstrap(v, groups, **boot).as_dict() for k, v in values.items()}
+    if task is not None and hasattr(task, "well_formed"):
+        metrics.update(_by_form(task, pairs, values, groups, boot))
     n_bins = cfg.calibration_bins
     return {
         "mode": "rm",
         "checkpoints": {"reward_model": str(judge.path or ctx.artifact("rm"))},
         "n_pairs": len(pairs),
         "n_distinct_prompts": int(groups.max()) + 1 if len(groups) else 0,
-        "metrics": {k: stats.bootstrap(v, groups, **boot).as_dict() for k, v in values.items()},
+        "metrics": metrics,
         "ece": {
             **stats.bootstrap_ece(confidence, correct, groups, n_bins, **boot).as_dict(),
         },
@@ -70,6 +73,22 @@ def evaluate_reward_model(ctx: EvalContext) -> dict:
             "rejected": rejected.tolist(),
         },
     }
+
+
+def _by_form(task, pairs, values: dict, groups, boot: dict) -> dict:
+    """Accuracy, gold agreement and the Bayes ceiling apart on the pairs whose two responses the
+    task calls well formed and on those with a malformed one (`task.well_formed`): where the RM
+    falls short of the ceiling, and whether it is the malformed text it misreads."""
+    both = np.array(task.well_formed([p.chosen for p in pairs])) & np.array(
+        task.well_formed([p.rejected for p in pairs])
+    )
+    out = {}
+    for name, rows in (("well_formed", both), ("malformed", ~both)):
+        for key in ("accuracy", "gold_agreement", "bayes_accuracy"):
+            if key in values and rows.any():
+                found = stats.bootstrap(values[key][rows], groups[rows], **boot).as_dict()
+                out[f"{key}/{name}"] = {**found, "n": int(rows.sum())}
+    return out
 
 
 def word_order_probe(judge, task, pairs, scores: tuple, seed: int) -> dict[str, np.ndarray]:

@@ -216,7 +216,9 @@ def checkpoint_tokenizer(name_or_path: str, trust_remote_code: bool = False):
             f"{where}: the folder has config.json but no weights (*.safetensors or *.bin)",
             "save the model into it with model.save_pretrained(folder)",
         )
-    fix = "save the tokenizer the model was trained with into it (tokenizer.save_pretrained(folder))"
+    fix = (
+        "save the tokenizer the model was trained with into it (tokenizer.save_pretrained(folder))"
+    )
     if local.is_dir() and not any((local / f).exists() for f in TOKENIZER_FILES):
         raise CheckpointError(f"{where}: the folder has no tokenizer (no tokenizer.json)", fix)
     try:

@@ -110,6 +110,12 @@ class ReviewsTask:
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         return torch.tensor([grammar.gold_score(r) for r in responses], dtype=torch.float32)
 
+    def well_formed(self, responses: Sequence[str]) -> list[bool]:
+        """Whether each response parses (every sentence, at most 3, a final ".", single spaces):
+        the perturbations of the pairs (a repeated word, a swap, a dropped ".") break it.
+        `eval.py mode=rm` reports accuracy on pairs of such responses and on the others apart."""
+        return [grammar.is_grammatical(r) for r in responses]
+
     def card(self) -> dict:
         """Settings, file sizes, τ, Bayes-optimal accuracy per split and SFT gold statistics."""
         return self._generate()["card.json"]
