@@ -49,8 +49,9 @@ MEDIUM_CONFIG = dict(  # a ~25M-parameter Llama (hidden 512, 8 layers), sequence
     max_position_embeddings=512,
 )
 SIZES = {"tiny": TINY_CONFIG, "medium": MEDIUM_CONFIG}  # --size: the model both sides train
-# --shared-prefix: our side(s); "ours" runs with the shared prompt pass, "ours_plain" without
-OUR_SIDES = {"on": ["ours"], "off": ["ours_plain"], "both": ["ours", "ours_plain"]}
+# --shared-prefix: our side(s); "ours" runs with the shared prompt pass, "ours_plain" without;
+# "none": neither (only --factors sides, e.g. to add factors to a finished run's sides)
+OUR_SIDES = {"on": ["ours"], "off": ["ours_plain"], "both": ["ours", "ours_plain"], "none": []}
 QUIET_ENV = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
@@ -88,7 +89,7 @@ def parser(description: str) -> argparse.ArgumentParser:
         "--shared-prefix",
         choices=sorted(OUR_SIDES),
         default="on",
-        help="our side with the shared prompt pass on, off, or both (sides ours, ours_plain)",
+        help="our side with the shared prompt pass on, off, both (sides ours, ours_plain), or none",
     )
     p.add_argument("--ours-only", action="store_true", help="skip TRL even when installed")
     p.add_argument("--in-process", action="store_true", help="no worker processes")
@@ -379,6 +380,8 @@ def measure(
     runs: int,
 ) -> dict[str, list[dict]]:
     """`runs` results per side, interleaved; in workers unless in-process."""
+    if not sides:
+        raise SystemExit("no side to measure: --shared-prefix none needs --factors or TRL")
     results: dict[str, list[dict]] = {side: [] for side in sides}
     for run in range(runs):
         for side in sides:

@@ -84,6 +84,26 @@ def positive(x) -> bool:
     return isinstance(x, int | float) and math.isfinite(x) and x > 0
 
 
+def test_time_to_target_and_value_at_equal_time_by_hand():
+    curve = [(4, 1.0, 0.60), (8, 2.0, 0.70), (12, 3.0, 0.68), (16, 4.0, 0.75)]
+    assert common.time_to_target(curve, 0.70) == 2.0  # the first evaluation reaching it
+    assert common.time_to_target(curve, 0.74) == 4.0
+    assert common.time_to_target(curve, 0.80) is None  # never reached
+    assert common.value_at(curve, 3.5) == 0.68  # the last evaluation before 3.5 s
+    assert common.value_at(curve, 0.5) is None
+
+
+def test_clock_leaves_paused_time_out():
+    import time
+
+    clock = common.StepClock()
+    clock.start()
+    with clock.paused():
+        time.sleep(0.2)
+    clock.mark()
+    assert clock.ends[-1] - clock.started < 0.1
+
+
 def test_rm_quick_reports_ours_only(quick_runs):
     output, result = finished(quick_runs, "rm_throughput")
     assert list(result["median"]) == ["ours", "ours_shuffle"]
