@@ -324,6 +324,7 @@ def main() -> None:
     p.add_argument("--target", type=float, help="accuracy for the time-to-target column")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds to repeat over (default --seed)")
     p.add_argument("--factors", nargs="*", default=[], choices=sorted(FACTORS))
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, both sides")
     args = p.parse_args()
     if args.worker:
         return common.worker_main(args, WORKERS)
@@ -359,7 +360,7 @@ def main() -> None:
             "batch_size": args.batch_size,
             "max_length": args.max_length,
             "prompt_tokens": args.prompt_tokens,
-            "lr": 1e-3,
+            "lr": args.lr,
             "weight_decay": 0.01,
             "warmup_steps": min(20, steps // 4),  # conf/rm/default
             "eval_every": args.eval_every,
