@@ -196,6 +196,13 @@ class Probe:
             with self.clock.paused():
                 self.curve.append((step, self.clock.ends[-1] - self.clock.started, self.evaluate()))
 
+    def final(self) -> float:
+        """The value after the last step: the curve's last point when it was taken there (no
+        second evaluation of the same weights), else one evaluation now."""
+        if self.curve and self.curve[-1][0] == len(self.clock.ends):
+            return self.curve[-1][2]
+        return self.evaluate()
+
 
 def lightning_clock(clock: StepClock, probe: Probe | None = None):
     """A Lightning callback marking the end of each training batch on `clock` (and evaluating

@@ -116,9 +116,8 @@ def _load(spec: dict):
     return ws, data, AutoTokenizer.from_pretrained(ws.tokenizer_dir)
 
 
-def _result(spec, clock, counts, setup_s, total_s, model, tokenizer, data) -> dict:
+def _result(spec, clock, counts, setup_s, total_s, probe) -> dict:
     steps, seconds = clock.steady(spec["warmup"])
-    val = data.load("prefs", "val").records
     return {
         "prompt_length": counts.get("prompt_length"),
         "throughput": steps * spec["batch_size"] / seconds,  # pairs/s
@@ -129,7 +128,8 @@ def _result(spec, clock, counts, setup_s, total_s, model, tokenizer, data) -> di
         "total_s": total_s,
         "train_s": clock.ends[-1] - clock.started,  # first to last step, evaluations excluded
         "padding_fraction": 1 - counts["real"] / max(counts["padded"], 1),
-        "accuracy": pair_accuracy(model, tokenizer, val, spec["max_length"]),
+        "accuracy": probe.final(),
+        "curve": probe.curve,
     }
 
 
@@ -141,6 +141,7 @@ def run_ours(spec: dict) -> dict:
 
     from rlhf_lightning.data.preference import PreferenceDataModule
     from rlhf_lightning.modules.reward_model import RewardModelModule
+    from rlhf_lightning.stages.rm import redraw_score_head
 
     start = time.perf_counter()
     ws, data, tokenizer = _load(spec)
@@ -149,8 +150,7 @@ def run_ours(spec: dict) -> dict:
     counts.update(_lengths(data, tokenizer, spec["max_length"], spec.get("prompt_tokens", 0)))
     factor = spec.get("factor", {})
     if factor.get("score_init_std") is not None:
-        with torch.no_grad():
-            model.score.weight.normal_(0.0, factor["score_init_std"])
+        redraw_score_head(model, factor["score_init_std"])
     scheduler = partial(get_cosine_schedule_with_warmup, num_warmup_steps=spec["warmup_steps"])
     module = RewardModelModule(
         model,
@@ -185,8 +185,7 @@ def run_ours(spec: dict) -> dict:
     )
     trainer.fit(module, datamodule=datamodule)
     total_s = time.perf_counter() - start
-    result = _result(spec, clock, counts, clock.started - start, total_s, model, tokenizer, data)
-    return {**result, "curve": probe.curve}
+    return _result(spec, clock, counts, clock.started - start, total_s, probe)
 
 
 def _probe(spec: dict, clock, model, tokenizer, data):
@@ -272,8 +271,7 @@ def run_trl(spec: dict) -> dict:
         trainer.remove_callback(PrinterCallback)
         trainer.train()
     total_s = time.perf_counter() - start
-    result = _result(spec, clock, counts, clock.started - start, total_s, model, tokenizer, data)
-    return {**result, "curve": probe.curve}
+    return _result(spec, clock, counts, clock.started - start, total_s, probe)
 
 
 def _check_same_ids(tokenizer, trl_tokenizer, rows: list[dict], max_length: int) -> None:

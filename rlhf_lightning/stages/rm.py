@@ -55,6 +55,12 @@ def initial_reward_model(ctx):
     else:
         model = ctx.model_spec.reward_model(ctx.tokenizer)
     if cfg.score_init_std is not None:
-        with torch.no_grad():  # `score`: the [1, H] head of HF's ...ForSequenceClassification
-            model.score.weight.normal_(0.0, cfg.score_init_std)  # std 0: every score starts at 0
+        redraw_score_head(model, cfg.score_init_std)
     return model
+
+
+def redraw_score_head(model, std: float) -> None:
+    """Re-draw the [1, H] `score` head of HF's ...ForSequenceClassification ~ N(0, std²) (std 0:
+    every score starts at 0; then no gradient reaches the backbone until the head grows)."""
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, std)
