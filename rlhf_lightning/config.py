@@ -73,9 +73,12 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
     ("policy.optimizer.lr", _positive, "a number > 0"),
     ("policy.generation.temperature", _positive, "a number > 0"),
     ("policy.generation.max_new_tokens", _positive_int, "an integer > 0"),
+    ("policy.generation.max_prompt_length", _null_or_positive_int, "null or an integer > 0"),
     ("policy.eval_samples", _positive_int, "an integer > 0"),
-    ("reward.max_length", _sequence_length, _LENGTH),
+    ("reward.max_length", lambda x: x is None or _sequence_length(x), _LENGTH),
     ("dpo.beta", _positive, "a number > 0"),
+    ("policy.reference", lambda x: x in ("sft", "checkpoint"), "sft or checkpoint"),
+    ("dpo.reference", lambda x: x in ("sft", "checkpoint"), "sft or checkpoint"),
     ("dpo.loss_type", lambda x: x in DPO_LOSSES, f"one of {list(DPO_LOSSES)}"),
     ("dpo.label_smoothing", lambda x: _number(x) and 0 <= x < 0.5, "a number in [0, 0.5)"),
     ("dpo.margin", _non_negative, "a number >= 0"),
@@ -154,6 +157,17 @@ def _check_combinations(cfg: DictConfig) -> None:
             f"algo.group_size={k} is invalid for algo={name}: it needs >= 2 samples per prompt"
         )
     _check_processes(cfg)
+    for stage in ("policy", "dpo"):
+        tiny = _get(cfg, "model.name_or_path") is None
+        if (
+            stage in _get(cfg, "stage.stages")
+            and _get(cfg, f"{stage}.reference") == "checkpoint"
+            and tiny
+        ):
+            raise ConfigError(
+                f"{stage}.reference=checkpoint needs a pretrained model (model=smollm2, or model=hf "
+                f"model.name_or_path=…): model=tiny has random weights; use {stage}.reference=sft"
+            )
     lora = _get(cfg, "model.lora")
     if lora is not _ABSENT and lora is not None:
         from rlhf_lightning.models.lora import lora_settings

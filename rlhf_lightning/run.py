@@ -233,8 +233,8 @@ def sweep_names(stage: str) -> tuple[str | None, str | None]:
 STAGE_WORK = {
     "sft": "supervised fine-tuning on demonstrations",
     "rm": "reward model (Bradley–Terry) on preference pairs",
-    "policy": "RLHF from the SFT reference against the frozen reward",
-    "dpo": "direct preference optimisation on the pairs from the SFT reference",
+    "policy": "RLHF from the reference against the frozen reward",
+    "dpo": "direct preference optimisation on the pairs from the reference",
 }
 
 
@@ -244,10 +244,10 @@ def _stage_line(ctx: RunContext, stage: str, number: int, total: int) -> str:
     if stage == "policy":
         algo, beta = OmegaConf.select(ctx.cfg, "algo.name"), OmegaConf.select(ctx.cfg, "algo.beta")
         reward = str(OmegaConf.select(ctx.cfg, "reward._target_")).rsplit(".", 1)[-1]
-        what += f" ({algo}, β={beta}, {reward})"
+        what += f" ({algo}, β={beta}, {reward}, reference={ctx.cfg.policy.reference})"
     if stage == "dpo":
         dpo = ctx.cfg.dpo
-        what += f" ({dpo.loss_type}, β={dpo.beta})"
+        what += f" ({dpo.loss_type}, β={dpo.beta}, reference={dpo.reference})"
     return f"== [{number}/{total}] {stage}: {what} → {ctx.artifact(stage, write=True)}"
 
 
@@ -264,10 +264,13 @@ def _print_summary(ctx: RunContext, results: dict[str, dict]) -> None:
         print(line)
     if "policy" in results or "rm" in results:
         args = [o for o in _job_overrides() if o.startswith(("task", "data", "paths", "seed"))]
-        mode = "" if "policy" in results else " mode=rm"
-        print(
-            f"next: python eval.py{mode}{''.join(' ' + a for a in args)}  (policy vs SFT with intervals)"
-        )
+        args = [*args, *[o for o in _job_overrides() if o.startswith("model")]]
+        if "policy" in results:
+            what = "policy vs its reference, with intervals"
+            mode = ""
+        else:
+            what, mode = "the reward model on held-out pairs: accuracy, calibration", " mode=rm"
+        print(f"next: python eval.py{mode}{''.join(' ' + a for a in args)}  ({what})")
 
 
 def files_to_open(out: Path) -> list[str]:

@@ -3,6 +3,8 @@ fail at start-up with one line naming the key; unknown keys and options fail thr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -130,7 +132,11 @@ def test_model_spec_instantiates(option, tmp_path):
     assert isinstance(spec, ModelSpec)
     assert spec.is_tiny == (option == "tiny")
     assert spec.config == OmegaConf.to_container(cfg.model.config) and spec.dtype == "float32"
-    assert spec.name_or_path == cfg.model.name_or_path
+    if option == "smollm2":  # the GGUF of the installed wheel, converted into a cached HF folder
+        assert (Path(spec.name_or_path) / "config.json").exists()
+        assert (Path(spec.name_or_path) / "gguf_manifest.json").exists()
+    else:
+        assert spec.name_or_path == cfg.model.name_or_path
 
 
 @pytest.mark.parametrize("option", options("logger"))

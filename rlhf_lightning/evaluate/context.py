@@ -14,7 +14,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from rlhf_lightning.artifacts import require_artifact
+from rlhf_lightning.artifacts import read_manifest, require_artifact
 from rlhf_lightning.data.spec import DataSpec
 from rlhf_lightning.errors import ArtifactError, ConfigError, DataError
 from rlhf_lightning.models.factory import ModelSpec
@@ -58,6 +58,10 @@ class EvalContext:
                     "written by save_pretrained"
                 )
             return str(given)
+        if role == "reference":  # the one the policy was trained against, as its manifest says
+            recorded = read_manifest(Path(self.checkpoint("policy"))).get("reference_path")
+            if recorded and (Path(recorded) / "config.json").exists():
+                return str(recorded)
         stage, command = DEFAULTS[role]
         return str(require_artifact(self.artifacts_dir / stage, role, command))
 

@@ -91,13 +91,11 @@ class ModelSpec:
 
         Tiny model: trained once on `corpus()` and saved to `cache_dir`, so every stage of a task
         shares the same ids. Pretrained: loaded from `name_or_path` after the checkpoint is
-        checked (`checkpoint_tokenizer`); a pad token is added when it has none (the embeddings
-        grow to match), distinct from EOS so the reward model's last real token is never pad.
+        checked (`checkpoint_tokenizer`); its pad token is made distinct from EOS (`distinct_pad`).
         """
         if not self.is_tiny:  # a pretrained tokenizer belongs to its checkpoint: never cached
             tokenizer = checkpoint_tokenizer(self.name_or_path, self.trust_remote_code)
-            if tokenizer.pad_token is None:
-                tokenizer.add_special_tokens({"pad_token": PAD})
+            distinct_pad(tokenizer)
             tokenizer.padding_side = "right"
             return tokenizer
         if (cache_dir / "tokenizer_config.json").exists():
@@ -185,6 +183,7 @@ class ModelSpec:
 
 
 def _load(auto_cls, path, trust_remote_code: bool, dtype: torch.dtype, **kwargs):
+    """`auto_cls.from_pretrained(path)`; any failure to read it is one line naming the folder."""
     try:
         return auto_cls.from_pretrained(
             path, trust_remote_code=trust_remote_code, dtype=dtype, **kwargs
@@ -194,6 +193,11 @@ def _load(auto_cls, path, trust_remote_code: bool, dtype: torch.dtype, **kwargs)
             f"cannot load a model from '{path}': {_first_line(err)}. Check the path, or the Hub "
             "name (offline machines need a local directory)"
         ) from err
+    except Exception as err:  # an invalid config.json, mismatched weights, a broken file
+        raise CheckpointError(
+            f"cannot load a model from '{path}' ({type(err).__name__}: {_cause(err)})",
+            "repair or re-save the checkpoint (config.json and weights from one save_pretrained)",
+        ) from None
 
 
 def checkpoint_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -211,6 +215,11 @@ def checkpoint_tokenizer(name_or_path: str, trust_remote_code: bool = False):
             f"{where}: no model config ({_first_line(err)})",
             "give a folder made by save_pretrained, or a Hub name (offline: a local folder)",
         ) from None
+    except Exception as err:  # transformers' validation of the config (e.g. heads ∤ hidden size)
+        raise CheckpointError(
+            f"{where}: config.json is invalid ({type(err).__name__}: {_cause(err)})",
+            "correct config.json, or save the model again with save_pretrained",
+        ) from None
     if local.is_dir() and not any(next(local.glob(p), None) for p in WEIGHTS):
         raise CheckpointError(
             f"{where}: the folder has config.json but no weights (*.safetensors or *.bin)",
@@ -223,7 +232,7 @@ def checkpoint_tokenizer(name_or_path: str, trust_remote_code: bool = False):
         raise CheckpointError(f"{where}: the folder has no tokenizer (no tokenizer.json)", fix)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except Exception as err:  # a broken tokenizer file fails in many ways
         raise CheckpointError(
             f"{where}: no usable tokenizer ({type(err).__name__}: {_first_line(err)})", fix
         ) from None
@@ -247,6 +256,31 @@ def _check_tokenizer(tokenizer, config, where: str) -> None:
             "use the tokenizer saved with these weights, or resize the embeddings "
             "(model.resize_token_embeddings(len(tokenizer))) and save both again",
         )
+
+
+def distinct_pad(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give `tokenizer` a pad token that is not EOS (nor BOS): its UNK token when it has one, else
+    a new `<pad>` (the embeddings grow to match, `_fit_vocab`).
+
+    Chat checkpoints often ship pad == eos (SmolLM2: `<|im_end|>`). Our stages never read the pad
+    id (attention and response masks say what is real), but transformers' sequence classifier
+    pools at the last token that is not pad: with pad == eos a saved reward model would be scored
+    by transformers and TRL at the token before the closing EOS, while it was trained on the EOS.
+    """
+    ends = {tokenizer.eos_token_id, tokenizer.bos_token_id}
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in ends:
+        return tokenizer
+    unk = tokenizer.unk_token_id
+    if unk is not None and unk not in ends:
+        tokenizer.pad_token = tokenizer.unk_token
+    else:
+        tokenizer.add_special_tokens({"pad_token": PAD})
+    return tokenizer
+
+
+def _cause(err: BaseException) -> str:
+    """The message of `err` on one line (validation errors put their cause on later lines)."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())[:400]
 
 
 def _first_line(err: BaseException) -> str:

@@ -291,22 +291,42 @@ def _unwrap_peft(model):
 
 
 @contextlib.contextmanager
-def probing(hf):
-    """Eval mode and no grad for a one-time probe; every module's train/eval flag restored after
-    (the policy's checkpointed layers keep theirs)."""
+def probing(hf, float64: bool = False):
+    """Eval mode, no grad and no autocast for a one-time probe; every module's train/eval flag
+    restored after (the policy's checkpointed layers keep theirs).
+
+    float64: the probe runs on float64 copies of every floating parameter and buffer, restored to
+    the original tensors after (exact, whatever the dtype). A probe then judges the computation, not
+    its round-off: 30 layers of float32 round-off put SmolLM2-135M's states 1–2e-3 apart at
+    magnitude ~55, and bfloat16 far more, though shared-prefix and plain passes are the same maths.
+    """
     modes = [(m, m.training) for m in hf.modules()]
+    originals = []
+    device = next(hf.parameters()).device
     try:
         hf.eval()
-        with torch.no_grad():
+        if float64:
+            for tensor in (*hf.parameters(), *hf.buffers()):
+                if tensor.is_floating_point() and tensor.dtype != torch.float64:
+                    originals.append((tensor, tensor.data))
+                    tensor.data = tensor.data.to(torch.float64)
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
             yield
     finally:
+        for tensor, data in originals:
+            tensor.data = data
         for module, mode in modes:
             module.training = mode
 
 
+def _agree(a: Tensor, b: Tensor) -> bool:
+    """Equal up to float64 round-off (probes compare float64 computations)."""
+    return a.shape == b.shape and bool(torch.allclose(a.double(), b.double(), rtol=1e-9, atol=1e-9))
+
+
 def _head_is_exact(hf: PreTrainedModel) -> bool:
     """Whether hf's logits are exactly head(backbone(x)) — checked once per model object on a
-    4-token input in eval mode (soft-capping or logit scaling would fail it)."""
+    4-token input in eval mode and float64 (soft-capping or logit scaling would fail it)."""
     cached = getattr(hf, "_rlhf_head_is_exact", None)
     if cached is not None:
         return cached
@@ -316,12 +336,10 @@ def _head_is_exact(hf: PreTrainedModel) -> bool:
     device = next(hf.parameters()).device
     ids = torch.arange(4, device=device)[None] % hf.get_input_embeddings().num_embeddings
     try:
-        with probing(hf):
-            whole = hf(input_ids=ids).logits.float()
+        with probing(hf, float64=True):
+            whole = hf(input_ids=ids).logits
             split = hf.get_output_embeddings()(hf.base_model(input_ids=ids).last_hidden_state)
-        exact = whole.shape == split.shape and torch.allclose(
-            whole, split.float(), rtol=1e-4, atol=1e-5
-        )
+            exact = _agree(whole, split)
     except Exception:  # an unusual architecture: use its own forward
         exact = False
     hf._rlhf_head_is_exact = bool(exact)
@@ -406,8 +424,9 @@ def _can_share(hf, input_ids: Tensor, shared_prefix: tuple[int, int]) -> bool:
 
 
 def _shared_prefix_is_exact(hf) -> bool:
-    """A one-time probe per model object: shared-prefix states equal the plain pass's (eval mode,
-    2 prompts × 2 responses, one prompt left-padded)."""
+    """A one-time probe per model object: shared-prefix states equal the plain pass's in float64
+    (eval mode, 2 prompts × 2 responses, one prompt left-padded): the same computation, whatever
+    round-off the model's own dtype and depth add to each (`probing`)."""
     cached = getattr(hf, "_rlhf_shared_prefix_is_exact", None)
     if cached is not None:
         return cached
@@ -420,13 +439,13 @@ def _shared_prefix_is_exact(hf) -> bool:
     mask[1, 6:] = 0  # a response that ended early
     exact = False
     try:
-        with probing(hf):
+        with probing(hf, float64=True):
             plain = hf.base_model(
                 input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)
             ).last_hidden_state[:, 3:]
             shared = _shared_prefix_states(hf, ids, mask, 2, 4)
         real = mask[:, 3:].bool()
-        exact = bool(torch.allclose(plain[real], shared[real], rtol=1e-4, atol=1e-5))
+        exact = _agree(plain[real], shared[real])
         why = "its shared-prefix states differ from the plain pass"
     except Exception as err:  # no external cache, or another cache layout
         why = f"it cannot run a prompt's cache against its responses ({type(err).__name__})"

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from rlhf_lightning.models.logprobs import (
+    _agree,
     _can_share,
     _shared_prefix_states,
     head_model,
@@ -94,13 +95,16 @@ def last_real_token(attention_mask: Tensor) -> Tensor:
 
 
 def _float_score(head: nn.Linear, h: Tensor) -> Tensor:
+    """w·h + b in float32 at least (float64 inside a float64 probe), outside autocast."""
+    dtype = torch.promote_types(h.dtype, torch.float32)
     with torch.autocast(device_type=h.device.type, enabled=False):
-        bias = None if head.bias is None else head.bias.float()
-        return nn.functional.linear(h.float(), head.weight.float(), bias)[:, 0]  # [N]
+        bias = None if head.bias is None else head.bias.to(dtype)
+        return nn.functional.linear(h.to(dtype), head.weight.to(dtype), bias)[:, 0]  # [N]
 
 
 def _score_head_is_exact(hf) -> bool:
-    """Whether hf's logits are `score(backbone(x))` at the last token (checked once, eval mode)."""
+    """Whether hf's logits are `score(backbone(x))` at the last token (checked once, eval mode,
+    float64: a bfloat16 model or `bf16-mixed` never fails it by round-off and falls back)."""
     cached = getattr(hf, "_rlhf_score_is_exact", None)
     if cached is not None:
         return cached
@@ -112,10 +116,10 @@ def _score_head_is_exact(hf) -> bool:
         ids = [i for i in range(1, 8) if i != pad and i < vocab][:4]
         x = torch.tensor([ids], device=device)
         try:
-            with probing(hf):
-                whole = hf(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, 0].float()
+            with probing(hf, float64=True):  # the maths, not bf16's round-off (any precision)
+                whole = hf(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, 0]
                 ours = reward_scores_unchecked(hf, x, torch.ones_like(x))
-            exact = bool(torch.allclose(whole, ours, rtol=1e-3, atol=1e-4))
+                exact = _agree(whole, ours)
         except Exception:  # an unusual architecture: use its own forward
             exact = False
     hf._rlhf_score_is_exact = exact

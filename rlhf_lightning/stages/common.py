@@ -4,8 +4,45 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
+from rlhf_lightning.artifacts import content_hash, require_artifact
+from rlhf_lightning.errors import ConfigError
 from rlhf_lightning.sharding import gathered_weights, is_sharded
+
+REFERENCES = ("sft", "checkpoint")
+
+
+def policy_and_reference(ctx, stage: str, reference: str):
+    """(policy, frozen reference, identity) of the policy or DPO stage, both from one source.
+
+    reference=sft: the SFT artifact (`artifacts/<task>/sft`, made by `stage=sft`).
+    reference=checkpoint: `model.name_or_path`'s own weights (an instruct model needs no SFT stage).
+    identity: what the stage's artifact manifest records of its reference (which, where, hash).
+    """
+    if reference not in REFERENCES:
+        raise ConfigError(
+            f"{stage}.reference={reference!r} is invalid: expected one of {REFERENCES}"
+        )
+    spec = ctx.model_spec
+    if reference == "checkpoint":
+        if spec.is_tiny:
+            raise ConfigError(
+                f"{stage}.reference=checkpoint needs a pretrained model (model=smollm2, or model=hf "
+                f"model.name_or_path=…); model=tiny is built with random weights: use "
+                f"{stage}.reference=sft after `python train.py stage=sft`"
+            )
+        path = None  # the spec's own checkpoint
+        where = spec.name_or_path
+    else:
+        path = where = require_artifact(ctx.artifact("sft"), "SFT", "python train.py stage=sft")
+    policy, frozen = spec.policy_and_reference(ctx.tokenizer, path=path)
+    identity = {"reference": reference, "reference_path": str(where)}
+    if reference == "sft":
+        identity["sft_sha256"] = content_hash(where)
+    elif Path(where).is_dir():
+        identity["reference_sha256"] = content_hash(Path(where))
+    return spec.trainable(policy), frozen, identity
 
 
 def validation_metrics(trainer, module, datamodule) -> dict[str, float]:

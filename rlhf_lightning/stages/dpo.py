@@ -1,9 +1,10 @@
-"""Stage `dpo`: direct preference optimisation on the preference pairs, from the SFT reference.
+"""Stage `dpo`: direct preference optimisation on the preference pairs, from the reference.
 
-Reads `artifacts/<task>/sft` (reference and initial policy; with `model.lora` the reference is the
-same network with its adapter off) and, when it exists, `artifacts/<task>/rm` as the proxy reward
-the evaluation callbacks score samples with (else the task's gold). Saves the policy to
-`artifacts/<task>/dpo` (HF causal LM + manifest) and evaluates it against the SFT policy on
+Reads the reference and initial policy from `artifacts/<task>/sft` (`dpo.reference=sft`) or the
+pretrained checkpoint itself (`dpo.reference=checkpoint`); with `model.lora` the reference is the
+same network with its adapter off. When it exists, `artifacts/<task>/rm` is the proxy reward the
+evaluation callbacks score samples with (else the task's gold). Saves the policy to
+`artifacts/<task>/dpo` (HF causal LM + manifest) and evaluates it against the reference on
 held-out prompts as the policy stage does (gold reward, proxy, KL).
 
 On `task=oracle` the exact quantities are against p_DPO*(y|u) ∝ p_ref(y|u)·exp(g(u,y)/(τβ)): the
@@ -18,14 +19,14 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import OmegaConf
 
-from rlhf_lightning.artifacts import content_hash, require_artifact, save_model_artifact
+from rlhf_lightning.artifacts import save_model_artifact
 from rlhf_lightning.data.preference import PreferenceDataModule
 from rlhf_lightning.models.lora import export_for_saving
 from rlhf_lightning.modules.dpo import DPOModule
 from rlhf_lightning.modules.evaluation import evaluate_policy
 from rlhf_lightning.modules.rollout import GenerationSettings
 from rlhf_lightning.rewards.base import RewardFunction
-from rlhf_lightning.stages.common import rank_zero_work, validation_metrics
+from rlhf_lightning.stages.common import policy_and_reference, rank_zero_work, validation_metrics
 
 
 class NoReward(RewardFunction):
@@ -51,10 +52,8 @@ def proxy_reward(ctx) -> RewardFunction:
 def build_dpo_module(ctx) -> DPOModule:
     """DPOModule from the config, the SFT artifact and (if present) the RM artifact."""
     cfg = ctx.cfg.dpo
-    sft_path = require_artifact(ctx.artifact("sft"), "SFT", "python train.py stage=sft")
     tokenizer = ctx.tokenizer
-    policy, reference = ctx.model_spec.policy_and_reference(tokenizer, path=sft_path)
-    policy = ctx.model_spec.trainable(policy)
+    policy, reference, identity = policy_and_reference(ctx, "dpo", cfg.reference)
     generation = GenerationSettings(**OmegaConf.to_container(cfg.generation, resolve=True))
     task, exact = ctx.data.task, None
     if task is not None and hasattr(task, "allowed_token_ids"):  # enumerable task
@@ -73,7 +72,7 @@ def build_dpo_module(ctx) -> DPOModule:
         reward=proxy_reward(ctx),
         exact=exact,
     )
-    module.identity = {"sft_sha256": content_hash(sft_path)}
+    module.identity = identity
     return module
 
 

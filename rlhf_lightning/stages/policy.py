@@ -1,6 +1,7 @@
-"""Stage `policy`: RLHF against the frozen reward, from and towards the SFT reference.
+"""Stage `policy`: RLHF against the frozen reward, from and towards the reference.
 
-Reads `artifacts/<task>/sft` (reference and initial policy) and, for `reward=learned`,
+Reads the reference and initial policy from `artifacts/<task>/sft` (`policy.reference=sft`) or
+the pretrained checkpoint itself (`policy.reference=checkpoint`, no SFT stage), and, for `reward=learned`,
 `artifacts/<task>/rm`; a missing artifact fails with the command that makes it. Saves the final
 policy to `artifacts/<task>/policy` (HF causal LM) and evaluates it against the SFT policy.
 """
@@ -11,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from rlhf_lightning.artifacts import content_hash, require_artifact, save_model_artifact
+from rlhf_lightning.artifacts import save_model_artifact
 from rlhf_lightning.data.prompts import PromptDataModule
 from rlhf_lightning.models.lora import export_for_saving
 from rlhf_lightning.modules.algorithm import Algorithm
@@ -19,17 +20,15 @@ from rlhf_lightning.modules.evaluation import evaluate_policy
 from rlhf_lightning.modules.policy import PolicyModule
 from rlhf_lightning.modules.rollout import GenerationSettings
 from rlhf_lightning.sharding import deepspeed_gradient_clipping
-from rlhf_lightning.stages.common import rank_zero_work
+from rlhf_lightning.stages.common import policy_and_reference, rank_zero_work
 
 
 def build_policy_module(ctx) -> PolicyModule:
     """Everything the policy stage trains with, from the config and the earlier artifacts."""
     cfg = ctx.cfg
-    sft_path = require_artifact(ctx.artifact("sft"), "SFT", "python train.py stage=sft")
     tokenizer = ctx.tokenizer
     # with model.lora the reference is the policy with its adapter disabled: one copy of the weights
-    policy, reference = ctx.model_spec.policy_and_reference(tokenizer, path=sft_path)
-    policy = ctx.model_spec.trainable(policy)
+    policy, reference, identity = policy_and_reference(ctx, "policy", cfg.policy.reference)
     reward = instantiate(cfg.reward).setup(ctx)
     task = ctx.data.task
     generation = GenerationSettings(**OmegaConf.to_container(cfg.policy.generation))
@@ -63,10 +62,7 @@ def build_policy_module(ctx) -> PolicyModule:
         max_tokens_per_micro_batch=cfg.policy.max_tokens_per_micro_batch,
         shared_prefix=cfg.policy.shared_prefix,
     )
-    module.identity = {
-        "sft_sha256": content_hash(sft_path),
-        "reward_sha256": getattr(reward, "sha256", None),
-    }
+    module.identity = {**identity, "reward_sha256": getattr(reward, "sha256", None)}
     return module
 
 
