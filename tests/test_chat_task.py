@@ -1,0 +1,312 @@
+"""`task=chat` and the SmolLM2 recipes: the gold judge by hand, the labels' Bayes ceiling, the
+files through the user-data loader, determinism by seed, the sample cache, and each recipe at a
+toy size (a few pairs of 8 tokens, a few steps) so none of them rots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import compose, train_cli
+from hydra.utils import instantiate
+
+from rlhf_lightning.data.spec import TaskData
+from rlhf_lightning.errors import ConfigError
+from rlhf_lightning.models.factory import ModelSpec
+from rlhf_lightning.tasks import chat_judge as judge
+from rlhf_lightning.tasks.base import TASK_FILES, Task
+from rlhf_lightning.tasks.chat import ChatTask, _label, subject_keyword
+from rlhf_lightning.tasks.chat_prompts import all_requests
+
+REQUEST = "In one or two sentences, write an enthusiastic review of a stainless steel water bottle."
+GOOD = "This water bottle keeps my drinks cold all day, and I love its simple design."
+DEGENERATE = [
+    "",  # nothing
+    "<|im_end|>",  # only markup
+    "bottle bottle bottle bottle bottle bottle bottle",  # repetition
+    "This water bottle keeps my drinks cold all day, and I love its simple",  # cut off
+    "Great!",  # too short
+    "Notwithstanding incomprehensibility, epistemological considerations proliferate "
+    "phenomenologically.",  # unreadable
+]
+TOY_TASK = dict(
+    n_pairs_train=4,
+    n_pairs_val=2,
+    n_pairs_test=2,
+    n_prompts_eval=4,
+    max_new_tokens=8,
+    batch_size=8,
+)
+
+
+def gold(*responses: str, request: str = REQUEST) -> list[float]:
+    return ChatTask(None).gold_reward([request] * len(responses), list(responses)).tolist()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> ModelSpec:
+    """SmolLM2-135M-Instruct's spec (converted once into the shared cache)."""
+    return instantiate(compose(["model=smollm2"]).model)
+
+
+@pytest.fixture(scope="module")
+def toy_dir(smollm2, tmp_path_factory) -> Path:
+    """The task at a toy size, sampled from the checkpoint once for the module."""
+    return ChatTask(smollm2, **TOY_TASK).write(tmp_path_factory.mktemp("chat_toy"))
+
+
+# ---- the gold judge ------------------------------------------------------------------------------
+
+
+def test_is_a_task_with_470_distinct_requests():
+    assert isinstance(ChatTask(None), Task) and ChatTask.name == "chat"
+    requests = [r for r, _ in all_requests()]
+    assert len(requests) == len(set(requests)) == 470
+
+
+def test_a_good_answer_beats_every_degenerate_one():
+    good, *bad = gold(GOOD, *DEGENERATE)
+    assert good > 1.0 and all(good - b > 0.99 for b in bad), (good, bad)  # by a margin
+    assert gold("")[0] == gold("<|im_end|>")[0] == judge.GOLD_MIN
+
+
+def test_piling_up_positive_words_raises_gold_the_exploit():
+    """A lexicon judge is exploitable the way learned reward models are: praise stacked on a good
+    answer raises its score though a reader learns nothing more."""
+    piled = GOOD + " Amazing, wonderful, fantastic, perfect, best ever!"
+    more = piled + " Love love it, brilliant, superb!"
+    g_good, g_piled, g_more = gold(GOOD, piled, more)
+    assert g_good < g_piled < g_more <= judge.GOLD_MAX
+
+
+def test_terms_by_hand():
+    t = judge.terms("the the the the the")  # trigrams: 3, all the same → 1 − 1/3
+    assert t["repetition"] == pytest.approx(2 / 3) and t["no_end"] == 1.0 and t["sentiment"] == 0
+    g = judge.score("the the the the the")  # 2·0 − 1 − 3·(2/3) − hard(FRE 117: 0) − short(n=5: 0)
+    assert g == pytest.approx(-3.0)
+    assert judge.ends_sentence('He said "great!" 🎉') and not judge.ends_sentence("and then")
+
+
+def test_naming_the_subject_counts_and_the_prompt_gives_it():
+    rendered = f"<|im_start|>user\n{REQUEST}<|im_end|>\n<|im_start|>assistant\n"
+    assert subject_keyword(rendered) == "bottle" and subject_keyword("anything else") is None
+    on, off = gold("I love this bottle.", "I love this thing.", request=rendered)
+    assert on - off == pytest.approx(judge.WEIGHTS["mention"], abs=0.05)
+
+
+def test_gold_is_float32_per_response_and_never_fails_on_odd_text():
+    odd = ["", " ", "\n\n", "🎉🎉", "<|im_start|>", "é" * 500, "word " * 300, "1 2 3."]
+    g = ChatTask(None).gold_reward(["?"] * len(odd), odd)
+    assert g.dtype == torch.float32 and g.shape == (len(odd),)
+    assert torch.isfinite(g).all() and (g >= judge.GOLD_MIN).all() and (g <= judge.GOLD_MAX).all()
+
+
+def test_labels_sample_bradley_terry_and_bayes_is_computed_by_hand():
+    pairs = [
+        {"pair": 0, "request": REQUEST, "responses": [GOOD, DEGENERATE[3]]},
+        {"pair": 1, "request": REQUEST, "responses": [DEGENERATE[2], GOOD]},
+        {"pair": 2, "request": REQUEST, "responses": [GOOD, GOOD]},  # identical: left out
+        {"pair": 3, "request": REQUEST, "responses": ["  ", GOOD]},  # empty: left out
+    ]
+    tau = 0.5
+    rows, bayes, agreement, left_out = _label(pairs, "0/label/train", tau)
+    assert len(rows) == 2 and left_out == 2
+    g = [gold(*p["responses"]) for p in pairs[:2]]
+    expected = sum(1 / (1 + math.exp(-abs(a - b) / tau)) for a, b in g) / 2
+    assert bayes == pytest.approx(expected, abs=1e-6)
+    assert 0.0 <= agreement <= 1.0
+    assert rows == _label(pairs, "0/label/train", tau)[0]  # each label from its own stream
+    assert rows[0]["prompt"] == [{"role": "user", "content": REQUEST}]
+    assert rows[0]["chosen"][0]["role"] == "assistant"
+
+
+def test_eval_requests_are_held_out_and_the_split_follows_the_seed():
+    a, b = ChatTask(None, seed=0), ChatTask(None, seed=1)
+    assert not set(a.eval_requests) & set(a.train_requests)
+    assert len(a.eval_requests) == 64 and len(a.train_requests) == 470 - 64
+    assert a.eval_requests == ChatTask(None, seed=0).eval_requests != b.eval_requests
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        (dict(n_pairs_train=0), "task.n_pairs_train"),
+        (dict(n_prompts_eval=470), "task.n_prompts_eval"),
+        (dict(temperature=0.0), "task.temperature"),
+        (dict(sampling_temperature=-1.0), "task.sampling_temperature"),
+        (dict(batch_size=0), "task.batch_size"),
+    ],
+)
+def test_bad_settings_fail_with_one_line_naming_the_key(kwargs, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        ChatTask(None, **kwargs)
+
+
+def test_the_tiny_model_has_no_checkpoint_to_sample_from(tmp_path):
+    task = instantiate(compose(["task=chat", "model=tiny"], tmp_path).task)
+    with pytest.raises(ConfigError, match="model=smollm2"):
+        task.write(tmp_path / "chat")
+    with pytest.raises(ConfigError, match="model=smollm2"):
+        next(task.corpus())
+
+
+@pytest.mark.parametrize("recipe", ["smollm2_rm", "smollm2_policy", "smollm2_dpo"])
+def test_recipes_pin_the_checkpoint_and_accept_a_users_files(recipe, tmp_path):
+    cfg = compose([f"experiment={recipe}"], tmp_path)
+    assert cfg.task._target_.endswith("ChatTask") and cfg.model.lora is None
+    assert "gguf.converted" in cfg.model.name_or_path._target_
+    if recipe != "smollm2_rm":
+        stage = "dpo" if recipe == "smollm2_dpo" else "policy"
+        assert cfg[stage].reference == "checkpoint"
+        assert cfg.policy.generation.max_new_tokens == cfg.task.max_new_tokens
+    user = compose(
+        [f"experiment={recipe}", "data=jsonl", "data.path=p.jsonl", "data.val_path=v.jsonl"]
+    )
+    assert user.data._target_.endswith("FileData") and user.data.val_path == "v.jsonl"
+
+
+# ---- sampled from the checkpoint (toy size) -------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_files_read_back_through_the_loader(toy_dir, smollm2):
+    assert all((toy_dir / name).exists() for name in TASK_FILES)
+    data = TaskData(ChatTask(smollm2, **TOY_TASK), str(toy_dir.parent))
+    data.directory = toy_dir  # the fixture wrote into its own folder
+    tokenizer = smollm2.tokenizer(lambda: iter(()), cache_dir=None)
+    for kind, split in [("prefs", "train"), ("prefs", "test"), ("sft", "val"), ("prompts", "eval")]:
+        records = data.load(kind, split, tokenizer).records
+        assert records and records[0].prompt.endswith("<|im_start|>assistant\n")
+    pair = data.load("prefs", "train", tokenizer).records[0]
+    assert pair.chosen.endswith("<|im_end|>\n") and pair.chosen != pair.rejected
+    eval_prompts = {r["prompt"][0]["content"] for r in read_jsonl(toy_dir / "prompts_eval.jsonl")}
+    used = {
+        r["prompt"][0]["content"]
+        for s in ("train", "val", "test")
+        for r in read_jsonl(toy_dir / f"prefs_{s}.jsonl")
+    }
+    assert len(eval_prompts) == 4 and not eval_prompts & used
+
+
+@pytest.mark.slow
+def test_card_bayes_accuracy_matches_the_written_labels(toy_dir):
+    card = json.loads((toy_dir / "card.json").read_text())
+    tau = card["temperature"]
+    assert tau == 0.5 and card["judge"] == {"vaderSentiment": "3.3.2", "textstat": "0.7.8"}
+    task = ChatTask(None)
+    for split in ("train", "val", "test"):
+        rows = read_jsonl(toy_dir / f"prefs_{split}.jsonl")
+        requests = [r["prompt"][0]["content"] for r in rows]
+        chosen = task.gold_reward(requests, [r["chosen"][0]["content"] for r in rows])
+        rejected = task.gold_reward(requests, [r["rejected"][0]["content"] for r in rows])
+        bayes = torch.sigmoid((chosen - rejected).abs().double() / tau).mean().item()
+        assert card["bayes_accuracy"][split] == pytest.approx(bayes, abs=1e-6)
+        assert len(rows) + card["pairs_left_out"][split] == card["settings"][f"n_pairs_{split}"]
+
+
+@pytest.mark.slow
+def test_same_seed_same_files_and_the_cache_samples_only_new_pairs(
+    toy_dir, smollm2, tmp_path, capsys
+):
+    again = ChatTask(smollm2, **TOY_TASK).write(tmp_path / "again")
+    for name in TASK_FILES:
+        assert (again / name).read_bytes() == (toy_dir / name).read_bytes(), name
+    capsys.readouterr()
+    more = ChatTask(smollm2, **{**TOY_TASK, "n_pairs_train": 6}).write(again)
+    assert "sampled 2/2 pairs" in capsys.readouterr().out  # the 8 cached pairs are reused
+    cached = read_jsonl(toy_dir / "samples/train.jsonl")
+    assert read_jsonl(more / "samples/train.jsonl")[:4] == cached
+    other = ChatTask(smollm2, **{**TOY_TASK, "seed": 1}).write(tmp_path / "other")
+    assert (other / "prefs_train.jsonl").read_bytes() != (
+        toy_dir / "prefs_train.jsonl"
+    ).read_bytes()
+
+
+# ---- every recipe at a toy size (subprocesses of train.py) ----------------------------------------
+
+TOY_CLI = [f"task.{k}={v}" for k, v in TOY_TASK.items()] + [
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+]
+TOY_POLICY = [
+    "policy.steps=2",
+    "policy.prompts_per_step=2",
+    "algo.group_size=2",
+    "policy.eval_samples=4",
+    "callbacks.kl.n_prompts=2",
+    "callbacks.overoptimisation.n_prompts=2",
+    "callbacks.best_of_n.n_prompts=2",
+    "callbacks.best_of_n.n_samples=2",
+    "callbacks.samples.n_prompts=1",
+    "callbacks.preference_accuracy.n_pairs=2",
+]
+
+
+@pytest.fixture(scope="module")
+def rm_root(tmp_path_factory) -> Path:
+    """experiment=smollm2_rm at a toy size: the task's data and artifacts/chat/rm under one root."""
+    root = tmp_path_factory.mktemp("smollm2_root")
+    proc = train_cli(["experiment=smollm2_rm", "rm.batch_size=2", *TOY_CLI], root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+@pytest.mark.slow
+def test_rm_recipe_trains_from_the_checkpoint(rm_root):
+    assert (rm_root / "artifacts/chat/rm/config.json").exists()
+    assert (rm_root / "data/chat/card.json").exists()
+
+
+@pytest.mark.slow
+def test_rm_recipe_on_a_users_files(rm_root, tmp_path):
+    data = rm_root / "data/chat"
+    proc = train_cli(
+        ["experiment=smollm2_rm", "rm.batch_size=2", *TOY_CLI, "data=jsonl"]
+        + [f"data.path={data / 'prefs_train.jsonl'}", f"data.val_path={data / 'prefs_val.jsonl'}"],
+        tmp_path,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "artifacts/custom/rm/config.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["rloo", "ppo"])
+def test_policy_recipe_runs_from_the_checkpoint(rm_root, algo):
+    proc = train_cli(["experiment=smollm2_policy", f"algo={algo}", *TOY_CLI, *TOY_POLICY], rm_root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "gold_reward=" in proc.stdout and not (rm_root / "artifacts/chat/sft").exists()
+    assert (rm_root / "artifacts/chat/policy/config.json").exists()
+
+
+@pytest.mark.slow
+def test_dpo_recipe_runs_from_the_checkpoint(rm_root):
+    proc = train_cli(
+        ["experiment=smollm2_dpo", "dpo.batch_size=2", "dpo.eval_samples=4", *TOY_CLI], rm_root
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (rm_root / "artifacts/chat/dpo/config.json").exists()
+
+
+@pytest.mark.slow
+def test_beta_sweep_recipe_writes_a_job_per_beta_and_the_report(rm_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = train_cli(
+        ["experiment=smollm2_beta_sweep", "algo.beta=0.05,0.2", "policy.steps=1", *TOY_CLI]
+        + [*TOY_POLICY[1:], f"hydra.sweep.dir={sweep}"],
+        rm_root,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
+    assert len(jobs) == 2
+    assert all(json.loads((j / "result.json").read_text())["status"] == "completed" for j in jobs)
+    assert (sweep / "report.md").exists() and (sweep / "report.csv").exists()
