@@ -9,6 +9,9 @@ factor. Without an initialised process group everything here is the identity.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -45,6 +48,28 @@ def global_mean_scale(local_count: Tensor | float) -> float:
         return 1.0
     n = torch.as_tensor(local_count, dtype=torch.float64).detach().reshape(())
     return float(world_size() * n / all_reduce_sum(n).clamp_min(1e-12))
+
+
+@contextlib.contextmanager
+def local_gradients(module, local: bool = True) -> Iterator[None]:
+    """Backward passes inside the block accumulate gradients on this rank only (DDP `no_sync`);
+    the first backward outside it all-reduces everything accumulated, once.
+
+    In manual optimisation Lightning arms DDP's reducer before every `manual_backward`
+    (`DDPStrategy.pre_backward`), so each backward would all-reduce the whole gradient; its
+    `block_backward_sync` (DDP's `no_sync`) keeps the reducer disarmed. Every rank must then run
+    the same number of backward passes with the sync on the same one (`microbatch.accumulate`).
+    No-op with `local=False`, on one process, and under strategies that do not wrap the model in
+    DDP (FSDP reduce-scatters in every backward; DeepSpeed accumulates in its engine).
+    """
+    from lightning.pytorch.strategies import ParallelStrategy
+
+    strategy = module.trainer.strategy
+    if not local or not isinstance(strategy, ParallelStrategy):
+        yield
+        return
+    with strategy.block_backward_sync():
+        yield
 
 
 def rank_offset(n: int, device=None) -> tuple[int, int]:

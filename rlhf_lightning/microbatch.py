@@ -16,7 +16,9 @@ Plans (which rows travel together) are either a fixed number of units per micro-
 token budget: units sorted by length and packed while `count · longest ≤ max_tokens`, so short
 sequences travel many at a time and long ones few (veRL's dynamic batch size). Under several
 processes every rank runs the same number of backward passes (a rank with fewer micro-batches
-joins the others' collectives with zero-gradient passes).
+joins the others' collectives with zero-gradient passes), and only the last of them all-reduces
+the gradient: the others run under DDP's `no_sync` (`distributed.local_gradients`), so a step
+costs one gradient all-reduce whatever the number of micro-batches.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from rlhf_lightning.distributed import all_reduce_sum, world_size
+from rlhf_lightning.distributed import all_reduce_sum, local_gradients, world_size
 from rlhf_lightning.errors import NumericalError, ResourceError
 
 
@@ -116,10 +118,13 @@ def accumulate(
     stats: dict[str, Tensor] = {}
     scale_all = world_size() / max(total, 1e-12)
     for i in range(passes):
+        # one gradient all-reduce per step: every pass but the last keeps its gradients local
+        local = local_gradients(module, local=i < passes - 1)
         if i >= len(parts):  # fewer micro-batches here than on another rank
-            module.manual_backward(zero_loss(module))
+            with local:
+                module.manual_backward(zero_loss(module))
             continue
-        with shape_on_failure(module, parts[i]):
+        with shape_on_failure(module, parts[i]), local:
             out = loss_of(parts[i])
             loss = out["loss"]
             if not torch.isfinite(loss):

@@ -12,6 +12,7 @@ sample is the same whichever rank draws it.
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -213,9 +214,46 @@ def test_ppo_two_processes_equal_one(base):
         assert max(abs(a - b) for a, b in zip(m1[key], m2[key])) < TOL, key
 
 
-def _result(run_dir: Path) -> dict:
-    import json
+GRAD_SYNC = {  # stage: settings giving several micro-batches per optimiser step on each rank
+    "rm": ["stage=rm", "rm.micro_batch_size=3"],  # 8 pairs per rank: 3 micro-batches
+    "dpo": ["stage=dpo", "dpo.batch_size=16", "dpo.max_epochs=1", "dpo.micro_batch_size=3"],
+    # 2 epochs × 2 minibatches of a random permutation: ranks hold unequal rows, so the rank with
+    # fewer micro-batches joins with zero-gradient passes
+    "policy": ["stage=policy", "algo=ppo", "policy.steps=2", "policy.micro_batch_size=3"],
+}
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", list(GRAD_SYNC))
+def test_one_gradient_all_reduce_per_optimiser_step(base, stage, monkeypatch):
+    """Micro-batches accumulate locally (DDP no_sync) and only the last backward pass of a step
+    all-reduces, the whole gradient once, on the same pass on both ranks
+    (`tests/grad_sync_probe.py` counts DDP's bucket all-reduces)."""
+    # the probe imports as a top-level module (site-packages may hold a package named `tests`)
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    probe = base / f"grad_sync_{stage}"
+    hook = ["+callbacks.grad_sync._target_=grad_sync_probe.GradSyncProbe"]
+    hook += [f"+callbacks.grad_sync.out_dir={probe}"]
+    run = [f"hydra.run.dir={base}/{stage}_sync"]
+    if stage == "rm":  # the policy tests score with the one-process reward model
+        run += [f"paths.artifacts_dir={base}/sync_artifacts"]
+    _ok(train_cli([*BASE, *GRAD_SYNC[stage], *DDP, *run, *hook], base))
+    ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in range(2)]
+    trained = ranks[0]["trained_elements"]
+    for rank in ranks:
+        steps = sum(b["steps"] for b in rank["batches"])
+        assert steps >= 2
+        for batch in rank["batches"]:
+            assert batch["all_reduces"] == batch["steps"] >= 1
+            assert batch["elements"] == batch["steps"] * trained  # the whole gradient, once
+        backward = sum(b["backward"] for b in rank["batches"])
+        assert backward >= 3 * steps  # micro-batches: the count is not 1 by construction
+    assert [b["backward"] for b in ranks[0]["batches"]] == [
+        b["backward"] for b in ranks[1]["batches"]
+    ]
+
+
+def _result(run_dir: Path) -> dict:
     return json.loads((run_dir / "result.json").read_text())
 
 

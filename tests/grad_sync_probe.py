@@ -1,0 +1,58 @@
+"""A callback that counts DDP's gradient all-reduces per training batch (tests/test_ddp.py).
+
+Added on the command line (`+callbacks.grad_sync._target_=grad_sync_probe.GradSyncProbe
++callbacks.grad_sync.out_dir=<dir>`). At the start of training it registers a DDP communication
+hook on `trainer.model` (Lightning registers its own hooks on CUDA only) that all-reduces as DDP
+does and counts: a backward pass that synchronises the gradient calls the hook once per bucket,
+the last bucket last, so the number of `is_last()` buckets is the number of gradient all-reduces
+and the elements of all buckets the amount reduced. It also counts every backward pass that goes
+through the strategy (`manual_backward`). Each rank writes, per training batch, the optimiser steps
+taken, backward passes, all-reduces and reduced elements to `<out_dir>/rank<r>.json`.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+
+class GradSyncProbe(Callback):
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+        self.counts = {"backward": 0, "all_reduces": 0, "elements": 0}
+        self.batches: list[dict] = []
+        self._start: dict = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        ddp = trainer.model
+        assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel), type(ddp)
+        ddp.register_comm_hook(self, _counting_allreduce)
+        backward = trainer.strategy.backward
+
+        def counted(*args, **kwargs):
+            self.counts["backward"] += 1
+            return backward(*args, **kwargs)
+
+        trainer.strategy.backward = counted
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = {"steps": trainer.global_step, **self.counts}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = {"steps": trainer.global_step, **self.counts}
+        self.batches.append({k: now[k] - self._start[k] for k in now})
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        trained = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        out = {"trained_elements": trained, "batches": self.batches}
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
+
+
+def _counting_allreduce(probe: "GradSyncProbe", bucket) -> torch.futures.Future[torch.Tensor]:
+    # (no `from __future__ import annotations`: DDP checks this return annotation as an object)
+    probe.counts["elements"] += bucket.buffer().numel()
+    probe.counts["all_reduces"] += int(bucket.is_last())
+    return default_hooks.allreduce_hook(None, bucket)  # DDP's own: mean over the world group
