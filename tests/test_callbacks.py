@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import compose, read_wandb_history
+from helpers import TINY, compose, read_wandb_history
 from lightning import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from policy_helpers import algorithm_from_conf, build_oracle
@@ -337,3 +337,19 @@ def test_wandb_offline_history_has_every_key(oracle, tmp_path, monkeypatch):
         assert history.get(f"{key}/_type") and set(history[f"{key}/_type"]) == {kind}, key
     assert history["overopt/points/nrows"] == [1, 2, 3]  # re-logged with every point so far
     assert history["samples/table/nrows"] == [4, 8, 12]
+
+
+def test_step_time_logs_each_steps_seconds_and_the_peak_memory(tmp_path):
+    from rlhf_lightning.run import run
+
+    cfg = compose(
+        [*TINY, "stage=rm", "callbacks=step_time", "logger=csv", "trainer.log_every_n_steps=1"],
+        tmp_path,
+    )
+    run(cfg)
+    rows = list(csv.DictReader((tmp_path / "run" / "csv" / "rm" / "metrics.csv").open()))
+    seconds = [float(r["time/step_seconds"]) for r in rows if r.get("time/step_seconds")]
+    peaks = [float(r["memory/peak_rss_mib"]) for r in rows if r.get("memory/peak_rss_mib")]
+    steps = {int(r["step"]) for r in rows if r.get("time/step_seconds")}
+    assert len(seconds) == len(steps) >= 2 and all(0 < s < 60 for s in seconds)
+    assert peaks == sorted(peaks) and peaks[0] > 100  # a high-water mark: torch alone is > 100 MiB

