@@ -84,7 +84,8 @@ def run(stage: str, precision: str, args, root: Path) -> dict:
     if result.returncode != 0:
         raise SystemExit(f"{stage} {precision} failed:\n{result.stderr[-3000:]}")
     log = max((root / "outputs" / stage).glob(f"*/csv/{stage}/metrics.csv"), key=os.path.getmtime)
-    rows = list(csv.DictReader(open(log)))
+    with open(log) as f:
+        rows = list(csv.DictReader(f))
     seconds = [float(r["time/step_seconds"]) for r in rows if r.get("time/step_seconds")]
     peak = max(float(r["memory/peak_rss_mib"]) for r in rows if r.get("memory/peak_rss_mib"))
     fallback = "[shared-prefix]" in result.stdout + result.stderr
