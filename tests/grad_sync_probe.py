@@ -7,10 +7,13 @@ does and counts: a backward pass that synchronises the gradient calls the hook o
 the last bucket last, so the number of `is_last()` buckets is the number of gradient all-reduces
 and the elements of all buckets the amount reduced. It also counts every backward pass that goes
 through the strategy (`manual_backward`). Each rank writes, per training batch, the optimiser steps
-taken, backward passes, all-reduces and reduced elements to `<out_dir>/rank<r>.json`.
+taken, backward passes, all-reduces and reduced elements to `<out_dir>/rank<r>.json`, with the
+rank's real tokens and the seconds from the batch's start to its first gradient all-reduce (the
+rank's own work; a faster rank then waits there for the slowest).
 """
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -24,6 +27,7 @@ class GradSyncProbe(Callback):
         self.counts = {"backward": 0, "all_reduces": 0, "elements": 0}
         self.batches: list[dict] = []
         self._start: dict = {}
+        self._t0, self._ready = 0.0, None
 
     def on_train_start(self, trainer, pl_module) -> None:
         ddp = trainer.model
@@ -39,10 +43,15 @@ class GradSyncProbe(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._start = {"steps": trainer.global_step, **self.counts}
+        self._t0, self._ready = time.perf_counter(), None
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        self._tokens = None if mask is None else int(mask.sum())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = {"steps": trainer.global_step, **self.counts}
-        self.batches.append({k: now[k] - self._start[k] for k in now})
+        row = {k: now[k] - self._start[k] for k in now}
+        row["tokens"], row["ready_s"] = self._tokens, self._ready
+        self.batches.append(row)
 
     def on_train_end(self, trainer, pl_module) -> None:
         trained = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
@@ -53,6 +62,8 @@ class GradSyncProbe(Callback):
 
 def _counting_allreduce(probe: "GradSyncProbe", bucket) -> torch.futures.Future[torch.Tensor]:
     # (no `from __future__ import annotations`: DDP checks this return annotation as an object)
+    if probe._ready is None:
+        probe._ready = time.perf_counter() - probe._t0
     probe.counts["elements"] += bucket.buffer().numel()
     probe.counts["all_reduces"] += int(bucket.is_last())
     return default_hooks.allreduce_hook(None, bucket)  # DDP's own: mean over the world group

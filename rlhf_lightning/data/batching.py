@@ -67,15 +67,32 @@ def rank_slice(batch: list[int], num_replicas: int, rank: int) -> list[int]:
     return batch[start : start + size + (rank < extra)]
 
 
+def rank_deal(batch: list[int], num_replicas: int, rank: int) -> list[int]:
+    """Rank `rank`'s share of a length-sorted global batch, dealt like cards in alternating
+    direction (ranks 0…W−1, then W−1…0, …): every rank gets a unit of each length band, and the
+    ranks' token counts differ by at most the longest minus the shortest unit's length (a
+    contiguous slice gives the last rank all the longest units: the straggler of every step).
+    Sizes differ by at most one; the rank's units keep the batch's order."""
+    rounds = [batch[i : i + num_replicas] for i in range(0, len(batch), num_replicas)]
+    share = []
+    for r, units in enumerate(rounds):
+        seat = rank if r % 2 == 0 else num_replicas - 1 - rank
+        if seat < len(units):
+            share.append(units[seat])
+    return share
+
+
 class LengthGroupedBatchSampler(Sampler[list[int]]):
     """Batches of similar length (less padding), in a random order fixed by (seed, epoch).
 
     Indices are shuffled, cut into mega-batches of `group * batch_size`, sorted by length inside
     each, cut into batches, and the batches shuffled again. `batch_size` is the GLOBAL batch: with
-    `num_replicas > 1` each rank takes its contiguous slice of every batch, so the union of the
-    ranks' batches at a step is exactly the batch one process would see (a last batch smaller than
+    `num_replicas > 1` each rank takes its share of every batch, so the union of the ranks'
+    batches at a step is exactly the batch one process would see (a last batch smaller than
     `num_replicas` is dropped, so no rank is ever empty) and training does not depend on the
-    number of processes.
+    number of processes. deal: shares dealt from the length-sorted batch (`rank_deal`, ranks
+    balanced in tokens); False: contiguous slices in rank order (`rank_slice`), for consumers
+    that index the global batch in rank order (the policy's prompts: `rollout.minibatch_rows`).
     `state_dict` records the epoch and how many batches were consumed, for exact mid-epoch resume.
     """
 
@@ -88,10 +105,12 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         group: int = 50,
         num_replicas: int = 1,
         rank: int = 0,
+        deal: bool = True,
     ):
         self.lengths, self.batch_size, self.shuffle = list(lengths), batch_size, shuffle
         self.seed, self.group = seed, group
         self.num_replicas, self.rank = num_replicas, rank
+        self.share = rank_deal if deal else rank_slice
         self.epoch, self.consumed = 0, 0
 
     def _all_batches(self) -> list[list[int]]:
@@ -112,7 +131,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             return batches
         # every rank needs a non-empty slice of every batch, or collectives would not line up
         batches = [b for b in batches if len(b) >= self.num_replicas]
-        return [rank_slice(b, self.num_replicas, self.rank) for b in batches]
+        return [self.share(b, self.num_replicas, self.rank) for b in batches]
 
     def __iter__(self) -> Iterator[list[int]]:
         # A finished pass is noticed here, not after the last yield: loaders that know the length

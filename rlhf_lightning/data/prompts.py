@@ -60,6 +60,7 @@ class PromptDataModule(ResumableSampling, L.LightningDataModule):
             group=1,
             num_replicas=world,
             rank=rank,
+            deal=False,  # PPO's minibatches index the global batch in rank order (minibatch_rows)
         )
         generator = torch.Generator().manual_seed(self.seed)  # leaves the global RNG alone
         return DataLoader(
