@@ -11,6 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from rlhf_lightning.errors import RLHFError
+from rlhf_lightning.loggers import in_multirun
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -21,21 +22,14 @@ def main(cfg: DictConfig) -> float | None:
         return run(cfg)
     except RLHFError as err:
         print(f"error: {err}", file=sys.stderr)
-        if not _in_multirun():
+        if not in_multirun():
             sys.exit(2)
     except Exception:
-        if not _in_multirun():
+        if not in_multirun():
             raise
         traceback.print_exc()
     # a failed job of a sweep: its result.json says so, the other jobs go on, the report marks it
     return None
-
-
-def _in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 if __name__ == "__main__":

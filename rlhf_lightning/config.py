@@ -200,7 +200,7 @@ def _check_processes(cfg: DictConfig) -> None:
                 f"{key}={value} is smaller than the {world} processes (trainer.devices × "
                 f"num_nodes); batch sizes are global, so set {key} >= {world}"
             )
-    from rlhf_lightning.resume import in_multirun
+    from rlhf_lightning.loggers import in_multirun
 
     external = any(v in os.environ for v in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"))
     if in_multirun() and not external:

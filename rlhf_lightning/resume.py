@@ -113,13 +113,6 @@ def _stage_checkpoints(run_dir: Path, stages: list[str]) -> dict[str, str]:
     return {stage: str(path) for stage, path in files.items() if path.is_file()}
 
 
-def in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
 # ---- RNG state ----------------------------------------------------------------------------------
 
 

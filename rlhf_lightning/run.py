@@ -22,12 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 from rlhf_lightning.config import validate
 from rlhf_lightning.data.spec import DataSpec
 from rlhf_lightning.distributed import is_rank_zero
+from rlhf_lightning.loggers import build_logger, finish_wandb, in_multirun, sweep_names
 from rlhf_lightning.models.factory import ModelSpec
 from rlhf_lightning.resume import (
     RNGState,
     SafeCheckpointIO,
     checkpoint_dir,
-    in_multirun,
     quiet_resume_warnings,
     resolve_checkpoints,
 )
@@ -109,26 +109,7 @@ class RunContext:
         try:
             yield
         finally:
-            _finish_wandb()
-
-
-def build_logger(node, stage: str, group: str, name: str | None = None):
-    """The Lightning logger of `conf/logger/<option>` for one stage (False for `logger=none`).
-
-    wandb: one run per stage (`name`, default the stage), grouped by `group`; CSV and TensorBoard:
-    one version folder per stage (`csv/<stage>/metrics.csv`, `tensorboard/<stage>/`)."""
-    if not node or "_target_" not in node:
-        return False
-    if "WandbLogger" in node._target_:
-        name = node.get("name") or name or stage
-        logger = instantiate(node, group=node.get("group") or group, name=name, job_type=stage)
-        # Lightning passes `anonymous=None` to wandb.init, which wandb 0.31 warns about on
-        # every run ("The anonymous setting has no effect"); not passing it is the same run.
-        getattr(logger, "_wandb_init", {}).pop("anonymous", None)
-        return logger
-    if "CSVLogger" in node._target_ or "TensorBoardLogger" in node._target_:
-        return instantiate(node, version=stage)
-    return instantiate(node)
+            finish_wandb()
 
 
 def quiet_third_party() -> None:
@@ -153,16 +134,6 @@ def quiet_third_party() -> None:
         "ignore", message=r".*module\(s\) in eval mode at the start of training"
     )
     warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization")
-
-
-def _finish_wandb() -> None:
-    import sys
-
-    if "wandb" in sys.modules:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -216,18 +187,6 @@ def _job_overrides() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
-def sweep_names(stage: str) -> tuple[str | None, str | None]:
-    """(group, name) for a job of a Hydra multirun: the sweep folder, the stage plus swept values."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None, None
-    hydra_cfg = HydraConfig.get()
-    swept = ",".join(o for o in hydra_cfg.overrides.task if not o.startswith(("paths.", "hydra")))
-    return f"sweep-{Path(hydra_cfg.sweep.dir).name}", f"{stage}[{swept}]"
 
 
 STAGE_WORK = {

@@ -280,7 +280,7 @@ def test_oracle_dpo_moves_towards_p_dpo_star(tmp_path):
 def test_report_has_a_row_per_route(tmp_path):
     """A job that ran both routes (stage=dpo_vs_rlhf) gives one report row each, named by stage,
     with its algo, β and exact columns; a one-stage job keeps one row."""
-    from rlhf_lightning.report import collect
+    from rlhf_lightning.sweep_report import collect
 
     exact = {"exact_objective": 1.0, "objective_star": 2.0, "reference_objective": 0.0}
     jobs = {

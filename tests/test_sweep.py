@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import TINY, TINY_MODEL, compose, train_cli
 
-from rlhf_lightning.report import main as report_main
+from rlhf_lightning.sweep_report import main as report_main
 from rlhf_lightning.run import run
 
 TINY_CLI = [o for o in TINY if not o.startswith("logger=")] + ["logger=wandb"]

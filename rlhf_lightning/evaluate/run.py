@@ -8,13 +8,8 @@ from omegaconf import DictConfig
 
 from rlhf_lightning.evaluate.context import EvalContext, validate_eval
 from rlhf_lightning.evaluate.report import scalars, summary_markdown, write_report
-from rlhf_lightning.run import (
-    _finish_wandb,
-    build_logger,
-    files_to_open,
-    quiet_third_party,
-    to_dict,
-)
+from rlhf_lightning.loggers import build_logger, finish_wandb
+from rlhf_lightning.run import files_to_open, quiet_third_party, to_dict
 
 
 def run_eval(cfg: DictConfig) -> float:
@@ -39,7 +34,7 @@ def run_eval(cfg: DictConfig) -> float:
     try:
         log_result(cfg, ctx, result, files)
     finally:
-        _finish_wandb()
+        finish_wandb()
     print(f"run directory: {ctx.output_dir.resolve()}")
     for line in files_to_open(ctx.output_dir.resolve()):
         print(line)

@@ -1,7 +1,7 @@
 """Sweep report: one table row per job and the reward–KL pictures of a Hydra multirun.
 
 Written at the end of every multirun by `SweepReport` (a Hydra callback), or later with
-`python -m rlhf_lightning.report SWEEP_DIR`. Reads each job's `result.json` (see `run.write_result`);
+`python -m rlhf_lightning.sweep_report SWEEP_DIR`. Reads each job's `result.json` (see `run.write_result`);
 a job that failed, or died without one, is a row marked failed — the others are still reported.
 
 Files in the sweep dir: report.csv, report.md, frontier.png (proxy and gold vs KL, one point per
@@ -315,7 +315,7 @@ class SweepReport(Callback):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or not Path(argv[0]).is_dir():
-        print("usage: python -m rlhf_lightning.report SWEEP_DIR", file=sys.stderr)
+        print("usage: python -m rlhf_lightning.sweep_report SWEEP_DIR", file=sys.stderr)
         return 2
     write_report(Path(argv[0]))
     return 0
