@@ -1,4 +1,4 @@
-"""Offline checkpoints in the layouts users bring: GPT-2, Pythia (GPT-NeoX), Qwen2 and OPT.
+"""Offline checkpoints in the layouts users bring: GPT-2, Pythia (GPT-NeoX), Qwen2, OPT, SmolLM2.
 
 Each is a byte-level BPE trained here with `tokenizers` on the test's texts, wrapped in its
 family's transformers tokenizer class with that family's special tokens, and a model with random
@@ -11,6 +11,11 @@ folder, as a downloaded checkpoint is:
 | pythia | none (bos = eos = `<|endoftext|>`) | `<|endoftext|>` | none | none | rotary, embeddings > vocab |
 | qwen2  | none (no BOS token) | `<|im_end|>` | `<|endoftext|>` | ChatML, `<|im_end|>\\n` | rotary; generation_config eos [`<|im_end|>`, `<|endoftext|>`] |
 | opt    | `</s>` (bos = eos = `</s>`) | `</s>` | `<pad>` | none | learned (offset 2) |
+| smollm2 | none (bos `<|im_start|>` not added) | `<|im_end|>` | `<|im_end|>` (pad = eos) | ChatML with a default system prompt | rotary (Llama), tied; generation_config.json |
+
+`smollm2` is SmolLM2-135M-Instruct's layout (a Llama whose pad token is its EOS); it is not in
+`LAYOUTS` (the stage-by-stage runs over those four), tests that need pad == eos name it
+(`PAD_IS_EOS`).
 
 `broken(kind, …)` builds the bad checkpoints start-up must refuse.
 """
@@ -32,6 +37,8 @@ from transformers import (
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
     GPTNeoXTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     Qwen2Config,
@@ -40,9 +47,20 @@ from transformers import (
 )
 
 LAYOUTS = ("gpt2", "pythia", "qwen2", "opt")
+PAD_IS_EOS = "smollm2"  # pad = eos = `<|im_end|>`, as SmolLM2-135M-Instruct ships
 EOT = "<|endoftext|>"
 CHATML = (
     "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+CHATML_WITH_SYSTEM = (  # SmolLM2-Instruct's template: a default system turn when none is given
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\n" + SYSTEM + "<|im_end|>\n' }}"
+    "{% endif %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -81,6 +99,20 @@ def tokenizer_of(name: str, texts: Iterable[str]):
         turns = [AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")]
         tokenizer.add_tokens(turns, special_tokens=True)  # as Qwen2's tokenizer.json lists them
         tokenizer.chat_template = CHATML
+        return tokenizer
+    if name == "smollm2":  # ids as SmolLM2's: <|endoftext|> 0, <|im_start|> 1, <|im_end|> 2
+        vocab, merges = train_bpe(texts, [EOT, "<|im_start|>", "<|im_end|>"])
+        tokenizer = GPT2Tokenizer(
+            vocab=vocab,
+            merges=merges,
+            bos_token="<|im_start|>",
+            eos_token="<|im_end|>",
+            pad_token="<|im_end|>",
+            unk_token=EOT,
+        )
+        turns = [AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")]
+        tokenizer.add_tokens(turns, special_tokens=True)
+        tokenizer.chat_template = CHATML_WITH_SYSTEM
         return tokenizer
     if name == "opt":  # OPT's ids: <s> 0, <pad> 1, </s> 2; its tokenizer prepends </s>
         vocab, merges = train_bpe(texts, ["<s>", "<pad>", "</s>", "<unk>"])
@@ -154,6 +186,21 @@ def model_of(name: str, tokenizer, rows: int | None = None):
             eos_token_id=tokenizer.eos_token_id,
         )
         return OPTForCausalLM(config)
+    if name == "smollm2":
+        config = LlamaConfig(
+            vocab_size=n,
+            hidden_size=h,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=1,
+            intermediate_size=inner,
+            max_position_embeddings=positions,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        return LlamaForCausalLM(config)
     raise ValueError(f"unknown layout {name!r}")
 
 
@@ -167,9 +214,25 @@ def save_checkpoint(name: str, texts: Iterable[str], directory: Path, seed: int 
         model.generation_config = GenerationConfig(
             eos_token_id=ids, pad_token_id=tokenizer.pad_token_id
         )
+    if name == "smollm2":  # as SmolLM2-Instruct's generation_config.json
+        model.generation_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def with_generation_config(source: Path, directory: Path, **settings) -> Path:
+    """A copy of checkpoint `source` whose generation_config.json also sets `settings`
+    (repetition_penalty, top_k, …), as Hub checkpoints ship them."""
+    shutil.copytree(source, directory)
+    path = Path(directory) / "generation_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**config, **settings}, indent=2))
+    return Path(directory)
 
 
 def broken(kind: str, texts: Iterable[str], directory: Path) -> Path:

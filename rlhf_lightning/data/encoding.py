@@ -12,6 +12,11 @@ A sequence is `prefix + prompt` then `response + end`, prompt and response token
   `Layout.stops`). A text that already ends with one gets nothing more, and what a template writes
   after its last end of turn (`<|im_end|>\\n`) is dropped when it is only whitespace, since
   generation stops at that token; any other text gets EOS appended.
+  A response the policy did not end (cut at `max_new_tokens`, `ended` False) gets nothing
+  appended: the reward model scores an unfinished response as unfinished.
+- prompt length: the policy and the reward model cut a long prompt by one rule, from the left
+  (`batching.truncate`): the RM at its `max_length`, the policy at `max_prompt_length`
+  (`fit_prompts`, which hands the cut TEXT on, so the reward scores what the policy saw).
 
 SFT, the reward model and the policy all encode text this way, so a policy sample decoded to text
 (`modules/rollout.decode_responses`) and encoded again has the ids the reward model was trained
@@ -22,6 +27,7 @@ checkpoint's `generation_config.json`).
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -83,19 +89,23 @@ def encode_response(
     tokenizer: PreTrainedTokenizerBase, response: str, eos: bool = True
 ) -> list[int]:
     """Token ids of a response, ended at a stop token (module docstring); `eos=False` leaves the
-    ids as the text gives them (fixed-length responses)."""
+    ids as the text gives them (fixed-length responses, responses cut at `max_new_tokens`)."""
     return encode_responses(tokenizer, [response], eos)[0]
 
 
 def encode_responses(
-    tokenizer: PreTrainedTokenizerBase, responses: list[str], eos: bool = True
+    tokenizer: PreTrainedTokenizerBase, responses: list[str], eos: bool | Sequence[bool] = True
 ) -> list[list[int]]:
-    """`encode_response` of each response, in one batched tokenizer call."""
+    """`encode_response` of each response, in one batched tokenizer call; `eos` per response
+    when a sequence (a rollout's `ended`)."""
     ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"] if responses else []
-    if not eos:
-        return [list(x) for x in ids]
+    closes = [bool(eos)] * len(ids) if isinstance(eos, bool) else [bool(e) for e in eos]
+    if len(closes) != len(ids):
+        raise ValueError(f"{len(closes)} eos flags for {len(ids)} responses")
     lay = layout(tokenizer)
-    return [_close(tokenizer, lay, list(x)) for x in ids]
+    return [
+        _close(tokenizer, lay, list(x)) if c else list(x) for x, c in zip(ids, closes, strict=True)
+    ]
 
 
 def encode_sequences(
@@ -103,12 +113,50 @@ def encode_sequences(
     prompts: list[str],
     responses: list[str],
     max_length: int,
+    ended: Sequence[bool] | None = None,
+    on_cut: Callable[[int], None] | None = None,
 ) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids) of each pair, truncated to `max_length` by the shared policy
-    (`batching.truncate`: the prefix stays first, a cut response keeps its stop token)."""
+    (`batching.truncate`: the prefix stays first, a cut response keeps its stop token).
+    `ended` [B]: False where the response was cut at `max_new_tokens` (no EOS appended; None:
+    every response ended). `on_cut(length)` is called with the full length of each cut pair."""
     lay = layout(tokenizer)
-    pairs = zip(encode_prompts(tokenizer, prompts), encode_responses(tokenizer, responses))
-    return [truncate(p, r, max_length, lay.stops, head=_head(lay, p)) for p, r in pairs]
+    eos = True if ended is None else [bool(e) for e in ended]
+    pairs = zip(encode_prompts(tokenizer, prompts), encode_responses(tokenizer, responses, eos))
+    out = []
+    for p, r in pairs:
+        out.append(truncate(p, r, max_length, lay.stops, head=_head(lay, p)))
+        if on_cut is not None and len(p) + len(r) > max_length:
+            on_cut(len(p) + len(r))
+    return out
+
+
+def fit_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int | None
+) -> tuple[list[str], int]:
+    """(each prompt whose ids fit `max_length`, else the text of its ids cut from the left by
+    the RM's rule (`batching.truncate`: the prefix stays, the words nearest the response are
+    kept), the number cut). The cut is moved right until the text's own ids fit, since the
+    policy and the reward both encode this text again."""
+    if max_length is None:
+        return list(prompts), 0
+    lay, cache = layout(tokenizer), {}
+    for text, ids in zip(prompts, encode_prompts(tokenizer, list(prompts)), strict=True):
+        if len(ids) > max_length and text not in cache:
+            cache[text] = _cut_prompt(tokenizer, lay, ids, max_length)
+    return [cache.get(p, p) for p in prompts], sum(p in cache for p in prompts)
+
+
+def _cut_prompt(tokenizer, lay: Layout, ids: list[int], max_length: int) -> str:
+    head = _head(lay, ids)
+    kept, _ = truncate(ids, [], max_length, lay.stops, head=head)
+    tail = kept[head:]
+    while tail:
+        text = tokenizer.decode(tail)
+        if len(encode_prompt(tokenizer, text)) <= max_length:
+            return text
+        tail = tail[1:]
+    return ""
 
 
 def _open(lay: Layout, ids: list[int]) -> list[int]:

@@ -16,9 +16,11 @@ from rlhf_lightning.losses import kl_per_token, sequence_kl
 from rlhf_lightning.modules.rollout import (
     decode_responses,
     forward_logprobs,
+    policy_prompts,
     sample,
     sample_seeds,
 )
+from rlhf_lightning.rewards.base import score
 
 
 @torch.no_grad()
@@ -36,7 +38,10 @@ def sample_and_score(
 
     `seeds` (one per sample, see `rollout.sample_seeds`) key each sample's random draws; without
     them sampling uses the global RNG. `module.forward_batch_size`, when set, bounds the
-    sequences per call instead of `batch_size`."""
+    sequences per call instead of `batch_size`. Prompts longer than the generation settings'
+    `max_prompt_length` are cut as training cuts them (`policy_prompts`); the returned prompts
+    are the texts sampled from and scored, and a response cut at `max_new_tokens` is scored
+    without an EOS (`rewards.base.score` hands `ended` on)."""
     gen = module.generation
     batch_size = getattr(module, "forward_batch_size", None) or batch_size
     out: dict[str, list] = {
@@ -49,6 +54,7 @@ def sample_and_score(
         "length": [],
         "ended": [],
     }
+    prompts = policy_prompts(module.tokenizer, prompts, gen)
     shared = getattr(module, "shared_prefix", True) and samples_per_prompt > 1
     per_call = max(1, batch_size // samples_per_prompt)
     for start in range(0, len(prompts), per_call):
@@ -70,7 +76,8 @@ def sample_and_score(
         responses = decode_responses(module.tokenizer, ids, mask)
         out["prompts"] += chunk_k
         out["responses"] += responses
-        out["proxy"].append(module.reward(chunk_k, responses).float().cpu())
+        proxy = score(module.reward, chunk_k, responses, ended)
+        out["proxy"].append(proxy.float().cpu())
         if gold is not None:
             out["gold"].append(torch.as_tensor(gold(chunk_k, responses), dtype=torch.float32))
         out["kl"].append(sequence_kl(kl_per_token(logp, ref, "k1"), mask).cpu())

@@ -34,9 +34,11 @@ from rlhf_lightning.modules.rollout import (
     decode_responses,
     forward_logprobs,
     minibatch_rows,
+    policy_prompts,
     sample,
     sample_seeds,
 )
+from rlhf_lightning.rewards.base import score
 from rlhf_lightning.sharding import clip_grad_norm
 
 
@@ -164,6 +166,7 @@ class PolicyModule(L.LightningModule):
         `old_logprobs=False` leaves `logprobs` and `entropy` to the update (`_fused_update`).
         """
         k, gen, size = self.algorithm.group_size, self.generation, self.forward_batch_size
+        prompts = policy_prompts(self.tokenizer, prompts, gen)  # cut at gen.max_prompt_length
         if size is not None and self.shared_prefix:  # chunks of whole groups
             size = max(k, size - size % k)
         seeds = None
@@ -210,9 +213,12 @@ class PolicyModule(L.LightningModule):
             ref_logprobs = chunked(reference_pass, rows, size)
             prompts_k = [p for p in prompts for _ in range(k)]
             responses = decode_responses(self.tokenizer, ids, resp_mask)
-            scores = chunked(
-                lambda r: self.reward(
-                    [prompts_k[i] for i in r.tolist()], [responses[i] for i in r.tolist()]
+            scores = chunked(  # a response cut at max_new_tokens is scored without EOS
+                lambda r: score(
+                    self.reward,
+                    [prompts_k[i] for i in r.tolist()],
+                    [responses[i] for i in r.tolist()],
+                    ended[r].tolist(),
                 ).float(),
                 rows,
                 size,

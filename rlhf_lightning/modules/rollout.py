@@ -5,16 +5,30 @@ Layout: prompts are left-padded, responses right-padded after them, so a sequenc
 up to and including the first EOS (explicit, no pad-token guessing). Position ids are computed
 from the attention mask, exactly as `generate` does, so scored log-probs equal sampled ones.
 Samples are grouped: rows g·k … g·k+k−1 are the k samples of prompt g.
+
+Samples come from our settings only: softmax(z/T), restricted to `allowed_token_ids`, with keyed
+Gumbel noise. A checkpoint's `generation_config.json` may set repetition_penalty, top_k, top_p,
+min_p, suppress_tokens, no_repeat_ngram_size, … which would make samples come from another
+distribution than the one the log-probs score; from it we take only the stop ids
+(`encoding.stop_token_ids`). `generate` in transformers 5 fills every field of the config it is
+given that is None from `model.generation_config` (`_prepare_generation_config`), and many fields
+(min_p, suppress_tokens, forced_eos_token_id, stop_strings, …) have no neutral non-None value, so
+`_generate` passes a complete config of ours (`own_generation_config`) AND blanks the model's for
+the call (`checkpoint_defaults_off`).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from transformers import GenerationConfig
 
-from rlhf_lightning.data.encoding import encode_prompts, stop_token_ids
+from rlhf_lightning.data.encoding import encode_prompts, fit_prompts, stop_token_ids
 from rlhf_lightning.distributed import rank_offset
 from rlhf_lightning.models.logprobs import (
     AllowedTokensLogitsProcessor,
@@ -36,12 +50,16 @@ class GenerationSettings:
 
     max_new_tokens: response length limit. min_new_tokens: fixed-length tasks set both.
     allowed_token_ids: restrict sampling (and scoring) to these ids (enumerable tasks).
+    max_prompt_length: prompt tokens the policy conditions on (None: all); a longer prompt is cut
+    from the left by the truncation rule of the RM (`encoding.fit_prompts`), and the reward scores
+    the cut text, so both read the same context.
     """
 
     max_new_tokens: int = 32
     min_new_tokens: int = 0
     temperature: float = 1.0
     allowed_token_ids: Tensor | None = None
+    max_prompt_length: int | None = None
 
 
 @dataclass
@@ -190,6 +208,19 @@ class KeyedGumbelSampling:
         return scores.float() / self.temperature + gumbel
 
 
+def policy_prompts(tokenizer, prompts: list[str], settings: GenerationSettings) -> list[str]:
+    """The prompt texts the policy conditions on and the reward scores: each cut from the left
+    to `settings.max_prompt_length` tokens by the RM's truncation rule (`encoding.fit_prompts`);
+    that prompts are cut is said in one line."""
+    fitted, cut = fit_prompts(tokenizer, list(prompts), settings.max_prompt_length)
+    if cut:
+        rank_zero_warn(
+            f"[policy] prompts longer than max_prompt_length={settings.max_prompt_length} tokens "
+            "are cut from the left (the policy samples from and the reward scores the cut text)"
+        )
+    return fitted
+
+
 @torch.no_grad()
 def sample(
     policy,
@@ -263,20 +294,58 @@ def _generate(policy, tokenizer, prompt_ids, prompt_mask, settings, seeds, group
         processors.append(AllowedTokensLogitsProcessor(settings.allowed_token_ids))
     if seeds is not None:  # greedy over Gumbel-perturbed logits = sampling, one stream per row
         processors.append(KeyedGumbelSampling(seeds, settings.temperature, prompt_ids.device))
-        how = dict(do_sample=False)
-    else:
-        how = dict(do_sample=True, temperature=settings.temperature, top_k=0, top_p=1.0)
-    return policy.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
+    stops = stop_token_ids(tokenizer, getattr(policy, "generation_config", None))
+    config = own_generation_config(settings, tokenizer.pad_token_id, stops, seeds is None)
+    cache = prefill_once(policy, prompt_ids, prompt_mask, group_size)
+    with checkpoint_defaults_off(policy):
+        return policy.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            generation_config=config,
+            logits_processor=processors,
+            **cache,
+        )
+
+
+def own_generation_config(
+    settings: GenerationSettings, pad_id: int | None, stops: list[int], sampled: bool
+) -> GenerationConfig:
+    """Our settings as a complete `GenerationConfig`: every field transformers has a default for
+    at its neutral value (the lengths come from `max_new_tokens`/`min_new_tokens`), and, when
+    `generate` samples (`sampled`; keyed sampling is greedy over `KeyedGumbelSampling`'s
+    perturbed logits), T = `settings.temperature` with top_k off; the stop ids and the pad id.
+    Nothing in it comes from the checkpoint's `generation_config.json`."""
+    neutral = GenerationConfig._get_default_generation_params()
+    for key in ("max_length", "min_length"):  # `max_new_tokens`/`min_new_tokens` say it
+        neutral.pop(key)
+    config = GenerationConfig(**neutral)
+    sampling = dict(temperature=settings.temperature, top_k=0) if sampled else {}  # HF: top_k 50
+    config.update(
+        do_sample=sampled,
         max_new_tokens=settings.max_new_tokens,
         min_new_tokens=settings.min_new_tokens,
-        logits_processor=processors,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=stop_token_ids(tokenizer, getattr(policy, "generation_config", None)),
-        **prefill_once(policy, prompt_ids, prompt_mask, group_size),
-        **how,
+        eos_token_id=list(stops),
+        pad_token_id=pad_id,
+        **sampling,
     )
+    return config
+
+
+@contextlib.contextmanager
+def checkpoint_defaults_off(policy) -> Iterator[None]:
+    """The model `generate` runs on holds a blank `generation_config` while the block runs, so
+    `generate` has nothing of the checkpoint's to fill our config's None fields with (restored
+    after). Models we only call whole (`head_model` gives None) keep theirs."""
+    hf, _ = head_model(policy)
+    saved = getattr(hf, "generation_config", None)
+    if saved is None:
+        yield
+        return
+    hf.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        hf.generation_config = saved
 
 
 @torch.no_grad()

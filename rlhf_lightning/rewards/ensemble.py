@@ -6,13 +6,14 @@ from collections.abc import Sequence
 
 import torch
 
-from rlhf_lightning.rewards.base import RewardFunction
+from rlhf_lightning.rewards.base import RewardFunction, score
 
 
 class EnsembleReward(RewardFunction):
     """members: name → RewardFunction; weights: name → weight (default 1/len(members))."""
 
     name = "ensemble"
+    reads_ended = True  # handed on to the members that read it
 
     def __init__(self, members: dict[str, RewardFunction], weights: dict[str, float] | None = None):
         self.members = dict(members)
@@ -29,5 +30,9 @@ class EnsembleReward(RewardFunction):
             member.to(device)
         return self
 
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        return sum(w * self.members[k](prompts, responses) for k, w in self.weights.items())
+    def __call__(
+        self, prompts: Sequence[str], responses: Sequence[str], ended=None
+    ) -> torch.Tensor:
+        return sum(
+            w * score(self.members[k], prompts, responses, ended) for k, w in self.weights.items()
+        )

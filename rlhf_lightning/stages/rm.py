@@ -11,7 +11,8 @@ from rlhf_lightning.stages.common import rank_zero_work, validation_metrics
 
 
 def run_rm(ctx) -> dict:
-    """Bradley–Terry training; the artifact records the mean/std of validation rewards."""
+    """Bradley–Terry training; the artifact's manifest records the mean/std of validation rewards
+    and the max_length it trained at (the reward scores at it)."""
     cfg = ctx.cfg.rm
     datamodule = PreferenceDataModule(
         ctx.data,
@@ -37,7 +38,12 @@ def run_rm(ctx) -> dict:
     with rank_zero_work(trainer) as mine:
         if mine:
             stats = getattr(module, "reward_stats", None)  # None: no validation ran
-            manifest = {"stage": "rm", "reward_stats": stats, "metrics": metrics}
+            manifest = {  # max_length: what `LearnedReward` scores at, as trained
+                "stage": "rm",
+                "reward_stats": stats,
+                "metrics": metrics,
+                "max_length": int(cfg.max_length),
+            }
             result["sha256"] = save_model_artifact(
                 reward_model, ctx.tokenizer, ctx.artifact("rm", write=True), manifest
             )
