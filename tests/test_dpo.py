@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from helpers import TINY, TINY_MODEL, compose, train_cli, with_paths
@@ -90,6 +91,30 @@ def test_cached_reference_changes_nothing(sft_ctx, pair_batch):
     assert len(cached._ref_cache) == 2 * len(items)
     for a, b in zip(cached.policy.parameters(), fresh.policy.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_precomputed_reference_has_the_policys_precision(sft_ctx, pair_batch, precision):
+    """At step 0 (policy = reference) every log-ratio is 0 under `bf16-mixed` too: the cache is
+    filled in the context Lightning runs the step's forward in (bf16 autocast), as the policy's
+    pass. Measured exactly 0 on this CPU, also in trimmed micro-batches of 3 pairs; an fp32 cache
+    read by a bf16 policy was up to 5e-3 off."""
+    batch, items = pair_batch
+    module = dpo_module(sft_ctx)
+    module.trainer = L.Trainer(
+        accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False
+    )
+    module.precompute_reference(items)
+    with module.trainer.precision_plugin.forward_context():  # what the training step runs in
+        out = module(batch)
+        assert torch.is_autocast_enabled("cpu") == (precision == "bf16-mixed")
+        for key in ("logratio_chosen", "logratio_rejected"):
+            assert float(out[key].abs().max()) == 0.0, key
+        module.micro_batch_size = 3
+        for part in module.parts(batch):
+            out = module(part)
+            for key in ("logratio_chosen", "logratio_rejected"):
+                assert float(out[key].abs().max()) < 1e-6, key
 
 
 # TRL 1.16's sigmoid loss has no label smoothing (cDPO): that case is checked by hand only

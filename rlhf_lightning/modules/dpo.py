@@ -8,8 +8,10 @@ of pairs in micro-batches of pairs (`MicroBatchedModule`), chosen rows then reje
 [2B, T] batch, log p(y|u) from `response_logprobs` (logits at response positions only).
 
 The reference never changes, so with `precompute_ref_logprobs` its log p(y|u) of every training
-and validation pair is computed once before training (as TRL's `precompute_ref_log_probs`) and
-looked up by the pair's token ids; without it, it is recomputed in each micro-batch (no grad).
+and validation pair is computed once before training (as TRL's `precompute_ref_log_probs`), under
+the precision context of the training step's forward (bf16 autocast under `bf16-mixed`, as the
+policy's pass, so ρ = 0 at step 0), and looked up by the pair's token ids; without it, it is
+recomputed in each micro-batch (no grad).
 
 For the evaluation callbacks it has what `PolicyModule` has: `.policy`, `.reference`, `.reward`
 (the proxy: the learned RM when given, else the task's gold), `.tokenizer`, `.generation`,
@@ -18,6 +20,7 @@ For the evaluation callbacks it has what `PolicyModule` has: `.policy`, `.refere
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -194,7 +197,14 @@ class DPOModule(MicroBatchedModule):
         for start in range(0, len(pairs), size):
             batch = collate(pairs[start : start + size])
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            self._reference_logprobs(batch, self._response_mask(batch))
+            with self._step_precision():  # the policy's precision: ρ = 0 at step 0 under bf16 too
+                self._reference_logprobs(batch, self._response_mask(batch))
+
+    def _step_precision(self):
+        """The context Lightning runs every step's forward in (`trainer.precision=bf16-mixed`:
+        bf16 autocast), for reference passes made outside a step; a no-op without a trainer."""
+        trainer = self._trainer
+        return trainer.precision_plugin.forward_context() if trainer else contextlib.nullcontext()
 
     def _response_mask(self, batch: dict) -> torch.Tensor:
         """Response positions that are part of the response space: with allowed ids (an
