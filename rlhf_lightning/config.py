@@ -122,6 +122,7 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
     ("rm.length_group", _positive_int, "an integer > 0 (1: a plain shuffle)"),
     ("rm.init_from_sft", lambda x: isinstance(x, bool), "true or false"),
     ("rm.score_init_std", lambda x: x is None or _non_negative(x), "null or a number >= 0"),
+    ("rm.trainable_layers", _null_or_positive_int, "null or an integer >= 1"),
     (
         "rm.module.no_decay",
         lambda x: OmegaConf.is_list(x) and set(x) <= set(DECAY_EXCLUSIONS),
@@ -173,6 +174,7 @@ def _check_combinations(cfg: DictConfig) -> None:
         from rlhf_lightning.models.lora import lora_settings
 
         lora_settings(lora)  # one ConfigError line naming model.lora.<key>
+    _check_rm_speed_options(cfg)
     if name == "exact" and "policy" in (_get(cfg, "stage.stages") or []):
         target = str(_get(cfg, "task._target_"))
         if (
@@ -181,6 +183,23 @@ def _check_combinations(cfg: DictConfig) -> None:
             and "Oracle" not in target
         ):
             raise ConfigError("algo=exact needs an enumerable task: use task=oracle")
+
+
+def _check_rm_speed_options(cfg: DictConfig) -> None:
+    """rm.lora is validated as model.lora is; it and rm.trainable_layers exclude each other."""
+    lora, layers = _get(cfg, "rm.lora"), _get(cfg, "rm.trainable_layers")
+    if lora is _ABSENT or lora is None:
+        return
+    from rlhf_lightning.models.lora import lora_settings
+
+    try:
+        lora_settings(lora)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("model.lora", "rm.lora")) from None
+    if layers not in (_ABSENT, None):
+        raise ConfigError(
+            f"rm.lora and rm.trainable_layers={layers} are both set: choose one (null the other)"
+        )
 
 
 def _check_processes(cfg: DictConfig) -> None:

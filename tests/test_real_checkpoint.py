@@ -263,3 +263,18 @@ def test_smollm2_through_every_stage_from_the_checkpoint(tmp_path, smollm2):
     report = json.loads(next((root / "outputs" / "eval").glob("*/eval.json")).read_text())
     assert report["checkpoints"]["reference"] == smollm2  # the reference its manifest names
     assert report["sides"]["reference"]["kl"]["mean"] == 0.0
+
+
+def test_rm_speed_options_keep_the_float32_score_path_on_smollm2(spec, tokenizer):
+    from rlhf_lightning.models.factory import train_top_layers
+    from rlhf_lightning.models.logprobs import head_model
+    from rlhf_lightning.models.lora import LoraSettings, reward_model_with_lora
+
+    top = train_top_layers(spec.reward_model(tokenizer), 4)
+    trained = {n for n, p in top.named_parameters() if p.requires_grad}
+    assert "score.weight" in trained and "model.layers.26.mlp.up_proj.weight" in trained
+    assert "model.layers.25.mlp.up_proj.weight" not in trained
+    assert "model.embed_tokens.weight" not in trained
+    lora = reward_model_with_lora(spec.reward_model(tokenizer), LoraSettings(r=4))
+    hf, _ = head_model(lora)
+    assert _score_head_is_exact(hf) and L._shared_prefix_is_exact(hf)

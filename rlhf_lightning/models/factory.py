@@ -303,6 +303,33 @@ def _save_atomic(tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
+def train_top_layers(model: PreTrainedModel, layers: int) -> PreTrainedModel:
+    """Freeze all but the top `layers` transformer blocks, the final norm and the heads: the
+    embeddings and lower blocks keep their pretrained weights and need no gradient (less backward
+    work and no optimiser state for them). The blocks are the backbone's one `nn.ModuleList` of
+    `config.num_hidden_layers` modules (Llama, Qwen2, GPT-2, Pythia, OPT alike)."""
+    blocks = transformer_blocks(model)
+    if not 0 < layers <= len(blocks):
+        raise ConfigError(
+            f"rm.trainable_layers={layers} is invalid: this model has {len(blocks)} layers "
+            f"(use 1..{len(blocks)}, or null to train all)"
+        )
+    frozen = {id(p) for block in blocks[: len(blocks) - layers] for p in block.parameters()}
+    frozen |= {id(p) for p in model.get_input_embeddings().parameters()}
+    for param in model.parameters():
+        param.requires_grad_(id(param) not in frozen)
+    return model
+
+
+def transformer_blocks(model: PreTrainedModel) -> torch.nn.ModuleList:
+    """The backbone's list of transformer blocks (the ModuleList of num_hidden_layers modules)."""
+    depth = model.config.get_text_config().num_hidden_layers
+    for module in model.base_model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == depth:
+            return module
+    raise ConfigError(f"{type(model).__name__}: no list of {depth} transformer blocks found")
+
+
 def hf_config(path: str | Path):
     """The transformers config of a saved model (cheap check that an artifact is a model)."""
     return AutoConfig.from_pretrained(path)

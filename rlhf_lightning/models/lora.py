@@ -95,17 +95,24 @@ def require_peft() -> None:
         ) from err
 
 
-def add_lora(model: nn.Module, settings: LoraSettings):
-    """`model` wrapped in a fresh LoRA adapter (peft `PeftModel`); only the adapter trains."""
+def add_lora(
+    model: nn.Module,
+    settings: LoraSettings,
+    task_type: str = "CAUSAL_LM",
+    exclude: tuple[str, ...] = (),
+):
+    """`model` wrapped in a fresh LoRA adapter (peft `PeftModel`); only the adapter trains.
+    exclude: module names never adapted (a reward model's new `score` head trains whole)."""
     from peft import LoraConfig, get_peft_model
 
     targets = settings.target_modules
     config = LoraConfig(
-        task_type="CAUSAL_LM",
+        task_type=task_type,
         r=settings.r,
         lora_alpha=settings.scale * settings.r,
         lora_dropout=settings.dropout,
         target_modules=targets if isinstance(targets, str) else list(targets),
+        exclude_modules=list(exclude) or None,
         bias="none",
     )
     try:
@@ -114,6 +121,16 @@ def add_lora(model: nn.Module, settings: LoraSettings):
         raise ConfigError(
             f"model.lora.target_modules: {err} (name linear layers of this model, or all-linear)"
         ) from err
+
+
+def reward_model_with_lora(model: nn.Module, settings: LoraSettings):
+    """A reward model (`...ForSequenceClassification`) training a LoRA adapter on its backbone and
+    its whole score head (new, so it must train). The head stays a plain `nn.Linear` (not peft's
+    `modules_to_save` wrapper), so `reward_scores` keeps its float32 score path;
+    `export_for_saving` merges the adapter into an ordinary checkpoint."""
+    wrapped = add_lora(model, settings, task_type="FEATURE_EXTRACTION", exclude=("score",))
+    wrapped.get_base_model().score.weight.requires_grad_(True)
+    return wrapped
 
 
 class AdapterDisabledReference:

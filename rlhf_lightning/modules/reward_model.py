@@ -151,8 +151,8 @@ class RewardModelModule(MicroBatchedModule):
     def loss_count(self, part: dict) -> int:
         return part["margin"].shape[0]
 
-    def trained_parameters(self):
-        return self.reward_model.parameters()
+    def trained_parameters(self):  # rm.trainable_layers / rm.lora: the rest is frozen
+        return [p for p in self.reward_model.parameters() if p.requires_grad]
 
     def _score_pairs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         rewards = self(batch["input_ids"], batch["attention_mask"], batch.get("response_mask"))

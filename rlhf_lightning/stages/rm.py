@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from rlhf_lightning.artifacts import require_artifact, save_model_artifact
 from rlhf_lightning.data.preference import PreferenceDataModule
+from rlhf_lightning.models.factory import train_top_layers
+from rlhf_lightning.models.lora import export_for_saving, lora_settings, reward_model_with_lora
 from rlhf_lightning.stages.common import rank_zero_work, validation_metrics
 
 
@@ -44,8 +47,11 @@ def run_rm(ctx) -> dict:
                 "metrics": metrics,
                 "max_length": int(cfg.max_length),
             }
-            result["sha256"] = save_model_artifact(
-                reward_model, ctx.tokenizer, ctx.artifact("rm", write=True), manifest
+            result["sha256"] = save_model_artifact(  # a plain HF model (rm.lora merged in)
+                export_for_saving(reward_model),
+                ctx.tokenizer,
+                ctx.artifact("rm", write=True),
+                manifest,
             )
             result["artifact"] = str(ctx.artifact("rm", write=True))
     return result
@@ -53,7 +59,8 @@ def run_rm(ctx) -> dict:
 
 def initial_reward_model(ctx):
     """The network the RM stage starts from: the spec's model, or with `rm.init_from_sft` the SFT
-    artifact's backbone under a new score head; `rm.score_init_std` re-draws the head."""
+    artifact's backbone under a new score head; `rm.score_init_std` re-draws the head.
+    `rm.trainable_layers` freezes all but the top blocks; `rm.lora` trains an adapter instead."""
     cfg = ctx.cfg.rm
     if cfg.init_from_sft:
         sft = require_artifact(ctx.artifact("sft"), "SFT", "python train.py stage=sft")
@@ -62,6 +69,10 @@ def initial_reward_model(ctx):
         model = ctx.model_spec.reward_model(ctx.tokenizer)
     if cfg.score_init_std is not None:
         redraw_score_head(model, cfg.score_init_std)
+    if cfg.get("trainable_layers") is not None:
+        train_top_layers(model, cfg.trainable_layers)
+    if cfg.get("lora") is not None:
+        model = reward_model_with_lora(model, lora_settings(OmegaConf.to_container(cfg.lora)))
     return model
 
 
