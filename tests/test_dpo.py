@@ -76,7 +76,9 @@ def test_cached_reference_changes_nothing(sft_ctx, pair_batch):
     batch, items = pair_batch
     cached, fresh = (dpo_module(sft_ctx, precompute_ref_logprobs=flag) for flag in (True, False))
     cached.precompute_reference(items)
-    assert len(cached._ref_cache) == 2 * len(items)
+    table = cached.reference_table  # [P, 2] by pair index: the 8 pairs scored, the rest NaN
+    assert table.shape == (max(it["index"] for it in items) + 1, 2)
+    assert int(torch.isfinite(table).sum()) == 2 * len(items)
     for module in (cached, fresh):
         perturb(module.policy)
     losses = []
@@ -85,12 +87,38 @@ def test_cached_reference_changes_nothing(sft_ctx, pair_batch):
         loss.backward()
         losses.append(loss.detach())
     assert torch.allclose(losses[0], losses[1], atol=1e-6) and losses[0] != math.log(2)
-    cached.micro_batch_size = 3  # trimmed micro-batches find their rows in the cache: no new entry
+    cached.micro_batch_size = 3  # trimmed micro-batches find their pairs by index: no pass
+
+    def no_reference_pass(*args):
+        raise AssertionError("a reference pass for a precomputed pair")
+
+    cached._chunked_reference = no_reference_pass
     for part in cached.parts(batch):
         cached.micro_loss(part)
-    assert len(cached._ref_cache) == 2 * len(items)
     for a, b in zip(cached.policy.parameters(), fresh.policy.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
+def test_each_rank_scores_its_own_share_of_the_reference(sft_ctx, pair_batch, monkeypatch):
+    """Under W ranks each scores every W-th pair; the shares summed (the all-reduce) are the
+    one-process table."""
+    import rlhf_lightning.modules.dpo as dpo
+
+    _, items = pair_batch
+    whole = dpo_module(sft_ctx)
+    whole.precompute_reference(items)
+    shares = []
+    monkeypatch.setattr(dpo, "all_reduce_sum", lambda x: x)  # this rank's share alone
+    for rank in range(2):
+        monkeypatch.setattr(dpo, "_rank_and_world", lambda rank=rank: (rank, 2))
+        module = dpo_module(sft_ctx)
+        module.precompute_reference(items)
+        scored = torch.isfinite(module.reference_table[:, 0]).nonzero().flatten().tolist()
+        assert scored == [it["index"] for it in items[rank::2]]
+        shares.append(module.reference_table.nan_to_num(0.0))
+    summed = shares[0] + shares[1]
+    known = torch.isfinite(whole.reference_table)
+    assert torch.allclose(summed[known], whole.reference_table[known], atol=1e-5)
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])

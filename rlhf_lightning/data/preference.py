@@ -28,7 +28,9 @@ def encode_pair(tokenizer, record, max_length: int) -> dict:
 
 class PreferenceCollator:
     """Dynamic padding of encoded pairs into one [2B, T] batch (chosen rows first), with the
-    `response_mask` [2B, T] (1 on response tokens; DPO scores log p(y|u) with it)."""
+    `response_mask` [2B, T] (1 on response tokens; DPO scores log p(y|u) with it) and, when the
+    pairs carry one, each pair's `index` [B] (`PreferenceDataModule.setup`: DPO's reference
+    log-probs are looked up by it)."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -40,12 +42,15 @@ class PreferenceCollator:
         margin = torch.tensor([it["margin"] for it in items], dtype=torch.float32)
         starts = [it["prompt_lengths"][side] for side in (0, 1) for it in items]  # [2B]
         response_mask = mask * (torch.arange(mask.shape[1]) >= torch.tensor(starts)[:, None])
-        return {
+        batch = {
             "input_ids": ids,
             "attention_mask": mask,
             "response_mask": response_mask,
             "margin": margin,
         }
+        if all("index" in it for it in items):
+            batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+        return batch
 
 
 class PreferenceDataModule(ResumableSampling, L.LightningDataModule):
@@ -79,12 +84,18 @@ class PreferenceDataModule(ResumableSampling, L.LightningDataModule):
         self.sampler: LengthGroupedBatchSampler | None = None
 
     def setup(self, stage: str | None = None) -> None:
+        """Encode the train and val pairs; each carries an `index`, its position in train + val."""
         for split in ("train", "val"):
             if split not in self.datasets:
                 records = self.data.load("prefs", split, self.tokenizer).records
                 self.datasets[split] = [
                     encode_pair(self.tokenizer, r, self.max_length) for r in records
                 ]
+        start = 0
+        for split in ("train", "val"):
+            for i, pair in enumerate(self.datasets[split]):
+                pair["index"] = start + i
+            start += len(self.datasets[split])
         if self.eval_prompts and "eval" not in self.prompts:
             records = self.data.load("prompts", "eval", self.tokenizer).records
             self.prompts["eval"] = [r.prompt for r in records]

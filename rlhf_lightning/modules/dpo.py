@@ -10,8 +10,10 @@ of pairs in micro-batches of pairs (`MicroBatchedModule`), chosen rows then reje
 The reference never changes, so with `precompute_ref_logprobs` its log p(y|u) of every training
 and validation pair is computed once before training (as TRL's `precompute_ref_log_probs`), under
 the precision context of the training step's forward (bf16 autocast under `bf16-mixed`, as the
-policy's pass, so ρ = 0 at step 0), and looked up by the pair's token ids; without it, it is
-recomputed in each micro-batch (no grad).
+policy's pass, so ρ = 0 at step 0), and looked up by the pair's index (`batch["index"]`, its
+position in train + val): a [P, 2] float32 table, 800 kB at 100k pairs, the same on every rank,
+each rank scoring its own share of the pairs and the shares summed over ranks. Without it, the
+reference is recomputed in each micro-batch (no grad).
 
 For the evaluation callbacks it has what `PolicyModule` has: `.policy`, `.reference`, `.reward`
 (the proxy: the learned RM when given, else the task's gold), `.tokenizer`, `.generation`,
@@ -28,6 +30,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from rlhf_lightning.control.beta import FixedBeta
+from rlhf_lightning.distributed import all_reduce_sum, world_size
 from rlhf_lightning.losses.dpo import DPO_LOSSES, dpo_loss, implicit_accuracy
 from rlhf_lightning.microbatch import chunked
 from rlhf_lightning.models.factory import train_without_dropout
@@ -86,7 +89,8 @@ class DPOModule(MicroBatchedModule):
         self.beta = FixedBeta(beta)
         self.generation = generation or GenerationSettings()
         self.exact, self.forward_batch_size = exact, forward_batch_size
-        self._ref_cache: dict[tuple, float] | None = {} if precompute_ref_logprobs else None
+        # [P, 2] log p_ref(y⁺|u), log p_ref(y⁻|u) by pair index (NaN: not scored yet)
+        self.reference_table: torch.Tensor | None = None
         self.val = nn.ModuleDict({key: MeanMetric() for key in VAL_KEYS})
         self.val_reward_chosen, self.val_reward_rejected = MeanMetric(), MeanMetric()
 
@@ -149,7 +153,7 @@ class DPOModule(MicroBatchedModule):
         if hasattr(self.reward, "to"):
             self.reward.to(self.device)
         datasets = getattr(getattr(self.trainer, "datamodule", None), "datasets", None)
-        if self._ref_cache is not None and datasets:
+        if self.hparams.precompute_ref_logprobs and datasets:
             self.precompute_reference(
                 [pair for split in ("train", "val") for pair in datasets.get(split, [])]
             )
@@ -171,7 +175,10 @@ class DPOModule(MicroBatchedModule):
 
     def select(self, batch: dict, idx: torch.Tensor) -> dict:
         rows = torch.cat([idx, idx + self.units(batch)])  # chosen rows, then their rejected rows
-        return trimmed(batch, rows, KEYS)
+        part = trimmed(batch, rows, KEYS)
+        if "index" in batch:
+            part["index"] = batch["index"][idx]
+        return part
 
     def micro_loss(self, part: dict) -> dict[str, torch.Tensor]:
         out = self(part)
@@ -189,16 +196,31 @@ class DPOModule(MicroBatchedModule):
     # --- helpers ----------------------------------------------------------------------------
     @torch.no_grad()
     def precompute_reference(self, pairs: list[dict]) -> None:
-        """Fill the reference cache for encoded pairs (`data.preference.encode_pair` items)."""
+        """Fill the reference table for encoded pairs (`data.preference` items with an `index`).
+
+        Every rank must call it with the same pairs: each scores every W-th of them (its share)
+        and the shares are summed over ranks, so every rank ends with the whole table.
+        """
         from rlhf_lightning.data.preference import PreferenceCollator
 
+        n = max((pair["index"] for pair in pairs), default=-1) + 1
+        table = torch.zeros(n, 2, dtype=torch.float64, device=self.device)
+        scored = torch.zeros(n, dtype=torch.float64, device=self.device)
         collate = PreferenceCollator(self.tokenizer.pad_token_id)
         size = self.forward_batch_size or 64
-        for start in range(0, len(pairs), size):
-            batch = collate(pairs[start : start + size])
+        rank, world = _rank_and_world()
+        mine = pairs[rank::world]
+        for start in range(0, len(mine), size):
+            batch = collate(mine[start : start + size])
             batch = {k: v.to(self.device) for k, v in batch.items()}
+            rows = torch.arange(2 * len(batch["index"]), device=self.device)
             with self._step_precision():  # the policy's precision: ρ = 0 at step 0 under bf16 too
-                self._reference_logprobs(batch, self._response_mask(batch))
+                values = self._chunked_reference(batch, self._response_mask(batch), rows)
+            table[batch["index"]] = values.double().view(2, -1).T  # [B, 2]
+            scored[batch["index"]] = 1.0
+        table, scored = all_reduce_sum(table), all_reduce_sum(scored)
+        table[scored == 0] = float("nan")  # indices that no pair had
+        self.reference_table = table.float()
 
     def _step_precision(self):
         """The context Lightning runs every step's forward in (`trainer.precision=bf16-mixed`:
@@ -228,17 +250,21 @@ class DPOModule(MicroBatchedModule):
         return scores.logprobs.sum(-1)
 
     def _reference_logprobs(self, batch: dict, mask: torch.Tensor) -> torch.Tensor:
-        """log p_ref(y|u) [N]: from the cache where present, else computed (and cached)."""
-        if self._ref_cache is None:
+        """log p_ref(y|u) [2B]: from the table by pair index where scored, else computed."""
+        table, index = self.reference_table, batch.get("index")
+        if table is None or index is None:
             with torch.no_grad():
                 return self._chunked_reference(batch, mask, torch.arange(len(mask)))
-        keys = _row_keys(batch["input_ids"], batch["attention_mask"], mask)
-        missing = torch.tensor([i for i, k in enumerate(keys) if k not in self._ref_cache])
-        if len(missing):
+        table, index = table.to(mask.device), index.to(mask.device)
+        known = index < len(table)
+        values = torch.full((len(index), 2), float("nan"), device=mask.device)
+        values[known] = table[index[known]]
+        values = values.T.reshape(-1)  # [2B]: chosen rows, then rejected rows
+        missing = values.isnan().nonzero().flatten()
+        if len(missing):  # a pair outside the precomputed ones: scored here (not stored)
             with torch.no_grad():
-                values = self._chunked_reference(batch, mask, missing).tolist()
-            self._ref_cache.update({keys[i]: v for i, v in zip(missing.tolist(), values)})
-        return torch.tensor([self._ref_cache[k] for k in keys], device=mask.device)
+                values[missing] = self._chunked_reference(batch, mask, missing).float()
+        return values
 
     def _chunked_reference(self, batch: dict, mask: torch.Tensor, rows: torch.Tensor):
         def score(chunk: torch.Tensor) -> torch.Tensor:
@@ -250,10 +276,7 @@ class DPOModule(MicroBatchedModule):
         return chunked(score, len(rows), size)
 
 
-def _row_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor):
-    """A hashable key per row: its real token ids and its response positions."""
-    keys = []
-    for ids, attn, resp in zip(input_ids.tolist(), attention_mask.tolist(), mask.tolist()):
-        n = sum(attn)
-        keys.append((tuple(ids[:n]), tuple(resp[:n])))
-    return keys
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), world_size()) if world_size() > 1 else (0, 1)
