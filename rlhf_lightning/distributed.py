@@ -21,6 +21,11 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def rank() -> int:
+    """This process's rank in the process group (0 without one)."""
+    return dist.get_rank() if world_size() > 1 else 0
+
+
 def is_rank_zero() -> bool:
     """True on the process that writes files: Lightning's rank, read from the environment before
     the process group exists and set by the strategy after."""

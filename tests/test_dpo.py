@@ -109,8 +109,9 @@ def test_each_rank_scores_its_own_share_of_the_reference(sft_ctx, pair_batch, mo
     whole.precompute_reference(items)
     shares = []
     monkeypatch.setattr(dpo, "all_reduce_sum", lambda x: x)  # this rank's share alone
+    monkeypatch.setattr(dpo, "world_size", lambda: 2)
     for rank in range(2):
-        monkeypatch.setattr(dpo, "_rank_and_world", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(dpo, "rank", lambda rank=rank: rank)
         module = dpo_module(sft_ctx)
         module.precompute_reference(items)
         scored = torch.isfinite(module.reference_table[:, 0]).nonzero().flatten().tolist()

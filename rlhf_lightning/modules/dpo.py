@@ -30,7 +30,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from rlhf_lightning.control.beta import FixedBeta
-from rlhf_lightning.distributed import all_reduce_sum, world_size
+from rlhf_lightning.distributed import all_reduce_sum, rank, world_size
 from rlhf_lightning.losses.dpo import DPO_LOSSES, dpo_loss, implicit_accuracy
 from rlhf_lightning.microbatch import chunked
 from rlhf_lightning.models.factory import train_without_dropout
@@ -208,8 +208,7 @@ class DPOModule(MicroBatchedModule):
         scored = torch.zeros(n, dtype=torch.float64, device=self.device)
         collate = PreferenceCollator(self.tokenizer.pad_token_id)
         size = self.forward_batch_size or 64
-        rank, world = _rank_and_world()
-        mine = pairs[rank::world]
+        mine = pairs[rank() :: world_size()]
         for start in range(0, len(mine), size):
             batch = collate(mine[start : start + size])
             batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -274,9 +273,3 @@ class DPOModule(MicroBatchedModule):
 
         size = 2 * self.forward_batch_size if self.forward_batch_size else None
         return chunked(score, len(rows), size)
-
-
-def _rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    return (dist.get_rank(), world_size()) if world_size() > 1 else (0, 1)
