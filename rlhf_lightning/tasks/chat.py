@@ -82,7 +82,7 @@ class ChatTask:
         n_pairs_val: int = 250,
         n_pairs_test: int = 250,
         n_prompts_eval: int = 64,
-        temperature: float = 0.5,
+        temperature: float = 0.3,
         max_new_tokens: int = 48,
         sampling_temperature: float = 0.7,
         batch_size: int = 16,
