@@ -186,11 +186,12 @@ def policy_worker(spec: dict) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rlhf_lightning.control.beta import FixedBeta
+    from rlhf_lightning.generation.settings import GenerationSettings
     from rlhf_lightning.models.factory import train_without_dropout
+    from rlhf_lightning.models.heads import position_ids
     from rlhf_lightning.models.logprobs import CHUNK_TOKENS, response_logprobs, sequence_logprobs
     from rlhf_lightning.modules.algorithm import Algorithm
     from rlhf_lightning.modules.policy import PolicyModule
-    from rlhf_lightning.modules.rollout import GenerationSettings, position_ids
 
     vocab, length = spec["vocab"], spec["length"]
     config = {**common.TINY_CONFIG, "max_position_embeddings": length}

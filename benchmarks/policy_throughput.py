@@ -159,10 +159,10 @@ def run_ours(spec: dict) -> dict:
     from rlhf_lightning.data.encoding import encode_prompts
     from rlhf_lightning.data.prompts import PromptDataModule
     from rlhf_lightning.data.spec import TaskData
+    from rlhf_lightning.generation.settings import GenerationSettings
     from rlhf_lightning.models.factory import ModelSpec
     from rlhf_lightning.modules.algorithm import Algorithm
     from rlhf_lightning.modules.policy import PolicyModule
-    from rlhf_lightning.modules.rollout import GenerationSettings
     from rlhf_lightning.rewards.learned import LearnedReward
     from rlhf_lightning.tasks.reviews import ReviewsTask
 

@@ -21,10 +21,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from rlhf_lightning.analysis.optimum import closure, enumerated_logprobs
 from rlhf_lightning.analysis.oracle import OracleEvaluator
 from rlhf_lightning.control.beta import BetaController, FixedBeta
+from rlhf_lightning.generation.settings import GenerationSettings
 from rlhf_lightning.models.tokenizer import build_tokenizer
 from rlhf_lightning.modules.algorithm import Algorithm
 from rlhf_lightning.modules.policy import PolicyModule
-from rlhf_lightning.modules.rollout import GenerationSettings
 from rlhf_lightning.rewards.gold import GoldReward
 from rlhf_lightning.tasks.oracle import OracleTask
 

@@ -24,10 +24,11 @@ from transformers import LlamaForSequenceClassification as Classifier
 from rlhf_lightning.artifacts import read_manifest
 from rlhf_lightning.data.batching import truncate
 from rlhf_lightning.data.encoding import encode_prompt, encode_prompts, fit_prompts, layout
+from rlhf_lightning.generation.sampling import policy_prompts, sample
+from rlhf_lightning.generation.settings import GenerationSettings
 from rlhf_lightning.models.reward_scores import reward_scores
 from rlhf_lightning.models.tokenizer import build_tokenizer
 from rlhf_lightning.modules.evaluation import sample_and_score
-from rlhf_lightning.modules.rollout import GenerationSettings, policy_prompts, sample
 from rlhf_lightning.rewards.ensemble import EnsembleReward
 from rlhf_lightning.rewards.learned import LearnedReward
 

@@ -34,9 +34,10 @@ from rlhf_lightning.data.encoding import (
 from rlhf_lightning.data.preference import PreferenceDataModule
 from rlhf_lightning.data.sft import SFTDataModule
 from rlhf_lightning.errors import CheckpointError, ConfigError
+from rlhf_lightning.generation.sampling import decode_responses, sample
+from rlhf_lightning.generation.settings import GenerationSettings
 from rlhf_lightning.models.factory import ModelSpec, checkpoint_tokenizer
 from rlhf_lightning.models.tokenizer import build_tokenizer
-from rlhf_lightning.modules.rollout import GenerationSettings, decode_responses, sample
 from rlhf_lightning.rewards.learned import LearnedReward
 from rlhf_lightning.run import RunContext, run
 from rlhf_lightning.tasks.reviews import ReviewsTask

@@ -22,8 +22,8 @@ from helpers import TINY, compose, train_cli
 from rlhf_lightning.config import validate
 from rlhf_lightning.data.batching import LengthGroupedBatchSampler, rank_deal, rank_slice
 from rlhf_lightning.errors import ConfigError
+from rlhf_lightning.generation.keyed import KeyedGumbelSampling, sample_seeds
 from rlhf_lightning.losses import masked_whiten, reinforce_advantages
-from rlhf_lightning.modules.rollout import KeyedGumbelSampling, sample_seeds
 
 TOL = 1e-5
 

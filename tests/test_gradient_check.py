@@ -32,7 +32,7 @@ import torch
 from policy_helpers import algorithm_from_conf, build_module, build_oracle, train
 
 from rlhf_lightning.analysis.optimum import _enumerated_batch
-from rlhf_lightning.modules.rollout import forward_logprobs
+from rlhf_lightning.models.logprobs import forward_logprobs
 
 SEED = 0
 BETA = 0.5  # the β of J at which both gradients are taken

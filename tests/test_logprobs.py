@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from rlhf_lightning.generation.processors import AllowedTokensLogitsProcessor
 from rlhf_lightning.models.logprobs import (
-    AllowedTokensLogitsProcessor,
     entropy_from_logits,
     sequence_logprobs,
     token_logprobs,

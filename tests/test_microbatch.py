@@ -21,11 +21,12 @@ from transformers import (
 )
 
 from rlhf_lightning.errors import ResourceError
+from rlhf_lightning.generation.keyed import KeyedGumbelSampling, keyed_uniform
 from rlhf_lightning.microbatch import padded_fraction, plan, trim_columns
 from rlhf_lightning.models.factory import ModelSpec, train_without_dropout
+from rlhf_lightning.models.heads import position_ids
 from rlhf_lightning.models.logprobs import aligned_logprobs, entropy_from_logits, response_logprobs
 from rlhf_lightning.models.reward_scores import reward_scores
-from rlhf_lightning.modules.rollout import KeyedGumbelSampling, keyed_uniform, position_ids
 
 TOL = 1e-5
 

@@ -23,7 +23,7 @@ from rlhf_lightning.analysis.optimum import (
     optimal_objective,
 )
 from rlhf_lightning.data.encoding import encode_prompt
-from rlhf_lightning.models.logprobs import AllowedTokensLogitsProcessor
+from rlhf_lightning.generation.processors import AllowedTokensLogitsProcessor
 from rlhf_lightning.models.tokenizer import build_tokenizer
 from rlhf_lightning.tasks.oracle import OracleTask
 

@@ -15,7 +15,9 @@ import torch
 from helpers import OFFLINE_ENV, REPO, train_cli
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
 
+from rlhf_lightning.models import heads as H
 from rlhf_lightning.models import logprobs as L
+from rlhf_lightning.models import shared_prefix as S
 from rlhf_lightning.models.factory import ModelSpec
 from rlhf_lightning.models.gguf import MANIFEST, converted, gguf_source
 from rlhf_lightning.models.reward_scores import _score_head_is_exact, reward_scores
@@ -107,18 +109,18 @@ def test_pad_is_made_distinct_from_eos(tokenizer):
 def test_shared_prefix_and_plain_states_agree_in_float64_and_the_probe_passes(spec, tokenizer):
     model = spec.causal_lm(tokenizer)
     ids, mask, _, (k, width) = grouped_batch(tokenizer)
-    with L.probing(model, float64=True):
+    with H.probing(model, float64=True):
         plain = model.base_model(
-            input_ids=ids, attention_mask=mask, position_ids=L.position_ids(mask)
+            input_ids=ids, attention_mask=mask, position_ids=H.position_ids(mask)
         )
-        shared = L._shared_prefix_states(model, ids, mask, k, width)
+        shared = S.shared_prefix_states(model, ids, mask, k, width)
     real = mask[:, width - 1 :].bool()
     delta = (plain.last_hidden_state[:, width - 1 :][real] - shared[real]).abs().max()
     assert delta <= 1e-9
     assert all(p.dtype == torch.float32 for p in model.parameters())  # restored after the probe
-    assert L._shared_prefix_is_exact(model) and L._head_is_exact(model)
+    assert S.shared_prefix_is_exact(model) and H.head_is_exact(model)
     bf16 = ModelSpec(name_or_path=spec.name_or_path, dtype="bfloat16").causal_lm(tokenizer)
-    assert L._shared_prefix_is_exact(bf16) and L._head_is_exact(bf16)
+    assert S.shared_prefix_is_exact(bf16) and H.head_is_exact(bf16)
 
 
 def test_the_shared_prefix_path_is_taken_on_smollm2_in_fp32_and_under_bf16_autocast(
@@ -127,11 +129,11 @@ def test_the_shared_prefix_path_is_taken_on_smollm2_in_fp32_and_under_bf16_autoc
     model = spec.causal_lm(tokenizer).eval()
     ids, mask, response, shared = grouped_batch(tokenizer)
     calls = []
-    original = L._shared_prefix_states
+    original = S.shared_prefix_states
     monkeypatch.setattr(
-        L, "_shared_prefix_states", lambda *a, **k: calls.append(1) or original(*a, **k)
+        S, "shared_prefix_states", lambda *a, **k: calls.append(1) or original(*a, **k)
     )
-    pos = L.position_ids(mask)
+    pos = H.position_ids(mask)
     with torch.no_grad():
         plain = L.response_logprobs(model, ids, mask, response, position_ids=pos).logprobs
         ours = L.response_logprobs(
@@ -267,7 +269,7 @@ def test_smollm2_through_every_stage_from_the_checkpoint(tmp_path, smollm2):
 
 def test_rm_speed_options_keep_the_float32_score_path_on_smollm2(spec, tokenizer):
     from rlhf_lightning.models.factory import train_top_layers
-    from rlhf_lightning.models.logprobs import head_model
+    from rlhf_lightning.models.heads import head_model
     from rlhf_lightning.models.lora import LoraSettings, reward_model_with_lora
 
     top = train_top_layers(spec.reward_model(tokenizer), 4)
@@ -277,4 +279,4 @@ def test_rm_speed_options_keep_the_float32_score_path_on_smollm2(spec, tokenizer
     assert "model.embed_tokens.weight" not in trained
     lora = reward_model_with_lora(spec.reward_model(tokenizer), LoraSettings(r=4))
     hf, _ = head_model(lora)
-    assert _score_head_is_exact(hf) and L._shared_prefix_is_exact(hf)
+    assert _score_head_is_exact(hf) and S.shared_prefix_is_exact(hf)

@@ -8,6 +8,7 @@ the switch on and off (weights equal to 1e-5, and moved).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,10 @@ import torch
 import transformers as T
 from helpers import TINY, train_cli
 
-from rlhf_lightning.models import logprobs as L
+from rlhf_lightning.models import shared_prefix as S
 from rlhf_lightning.models.factory import ModelSpec, train_without_dropout
-from rlhf_lightning.models.logprobs import position_ids, response_logprobs
+from rlhf_lightning.models.heads import position_ids
+from rlhf_lightning.models.logprobs import response_logprobs
 from rlhf_lightning.models.reward_scores import reward_scores
 
 TOL = 1e-5
@@ -163,15 +165,15 @@ def test_activation_checkpointing_falls_back_to_the_plain_pass_in_one_line(capsy
     train_without_dropout(model)
     ids, attention, mask, shared = _grouped_batch()
     calls = []
-    original = L._shared_prefix_states
-    L._shared_prefix_states = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = S.shared_prefix_states
+    S.shared_prefix_states = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
         plain, _ = _run(model, ids, attention, mask, None)
         ours, _ = _run(model, ids, attention, mask, shared)
         with torch.no_grad():  # without a backward the cache survives: shared again
             response_logprobs(model, ids, attention, mask, shared_prefix=shared)
     finally:
-        L._shared_prefix_states = original
+        S.shared_prefix_states = original
     assert torch.allclose(ours.logprobs, plain.logprobs, atol=TOL, rtol=0)
     lines = [line for line in capsys.readouterr().out.splitlines() if "[shared-prefix]" in line]
     assert len(lines) == 1 and "activation checkpointing" in lines[0]
@@ -182,7 +184,7 @@ def test_rows_that_do_not_share_their_prompt_take_the_plain_pass():
     model = T.AutoModelForCausalLM.from_config(CONFIGS["llama"]()).eval()
     ids, attention, mask, shared = _grouped_batch()
     ids[1, 3] = (ids[1, 3] + 1) % 100  # one sample's prompt differs from its group's
-    assert not L._can_share(model, ids, shared)
+    assert not S.can_share(model, ids, shared)
     ours = response_logprobs(model, ids, attention, mask, shared_prefix=shared)
     plain = response_logprobs(model, ids, attention, mask)
     assert torch.equal(ours.logprobs, plain.logprobs)
@@ -194,7 +196,7 @@ def test_a_model_that_cannot_take_an_external_cache_is_found_by_the_probe(capsys
     def no_cache(output):
         raise TypeError("this architecture returns no cache")
 
-    monkeypatch.setattr(L, "_cache_of", no_cache)
+    monkeypatch.setattr(S, "cache_of", no_cache)
     ids, attention, mask, shared = _grouped_batch()
     ours = response_logprobs(model, ids, attention, mask, shared_prefix=shared)
     plain = response_logprobs(model, ids, attention, mask)
@@ -217,38 +219,51 @@ def _max_diff(a, b) -> float:
 
 
 SWITCH = {
-    "rloo": ["policy.optimizer.lr=1e-3"],
-    "ppo-micro": [
-        "algo=ppo",
-        "policy.optimizer.lr=1e-3",
-        "policy.micro_batch_size=8",
-        "policy.forward_batch_size=8",
-    ],
+    "rloo": [],
+    "ppo-micro": ["algo=ppo", "policy.micro_batch_size=8", "policy.forward_batch_size=8"],
     "rloo-two-epochs-micro": ["algo.epochs=2", "policy.micro_batch_size=8"],
 }
+# The policy takes plain gradient steps here: the run compares the gradients of the two paths.
+# Adam divides each gradient by its own running scale, so float32 round-off (~1e-7) of a near-zero
+# gradient becomes a full ±lr step: measured 3e-5 apart after 3 Adam steps at lr 1e-3 with the
+# same RM, 1.2e-7 after 3 SGD steps at lr 1 that moved the weights by 0.11.
+SGD = [
+    "~policy.optimizer.betas",
+    "policy.optimizer._target_=torch.optim.SGD",
+    "policy.optimizer.lr=1.0",
+]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(SWITCH))
 def test_runs_with_the_switch_on_equal_runs_with_it_off(case, tmp_path):
-    roots = {}
-    for on in ("false", "true"):
-        root = tmp_path / on
-        args = ["stage=pipeline", *TINY, "callbacks=none", *SWITCH[case]]
-        args += [f"policy.shared_prefix={on}", f"rm.shared_prefix={on}"]
-        args += [f"reward.shared_prefix={on}"]
-        out = train_cli(args, root)
+    """The reward model with the switch on/off, then the policy on/off from the SAME sft and RM:
+    an RM 6e-8 apart (float32 sums in another order) would otherwise be compared through a policy
+    stage that amplifies it (see SGD)."""
+    switch = ["policy.shared_prefix", "rm.shared_prefix", "reward.shared_prefix"]
+    common = [*TINY, "callbacks=none", *SGD, *SWITCH[case]]
+
+    def run(stage: list[str], on: str, root: Path) -> None:
+        out = train_cli([*stage, *common, *(f"{key}={on}" for key in switch)], root)
         assert out.returncode == 0, out.stderr[-3000:]
         assert "[shared-prefix]" not in out.stdout  # no fallback on the tiny Llama
-        roots[on] = root
-    for stage in ("rm", "policy"):
-        assert _max_diff(_weights(roots["false"], stage), _weights(roots["true"], stage)) <= TOL
-    assert _max_diff(_weights(roots["true"], "policy"), _weights(roots["true"], "sft")) > 1e-3
+
+    on, off, policy_off = tmp_path / "true", tmp_path / "false", tmp_path / "policy_off"
+    run(["stage=pipeline"], "true", on)
+    run(["stage=pipeline", "stage.stages=[sft,rm]"], "false", off)
+    assert _max_diff(_weights(off, "rm"), _weights(on, "rm")) <= TOL
+    shutil.copytree(on / "artifacts", policy_off / "artifacts", symlinks=True)
+    run(["stage=policy"], "false", policy_off)
+    assert _max_diff(_weights(policy_off, "policy"), _weights(on, "policy")) <= TOL
+    assert _max_diff(_weights(on, "policy"), _weights(on, "sft")) > 1e-3
 
 
 def test_generation_prefills_each_prompt_once_and_draws_the_same_samples():
+    from rlhf_lightning.generation import hf as backend
+    from rlhf_lightning.generation.keyed import sample_seeds
+    from rlhf_lightning.generation.sampling import sample
+    from rlhf_lightning.generation.settings import GenerationSettings
     from rlhf_lightning.models.tokenizer import build_tokenizer
-    from rlhf_lightning.modules import rollout
 
     tokenizer = build_tokenizer(["the plot was great . a dull film , and slow ."] * 20, 300)
     config = CONFIGS["llama"]()
@@ -256,22 +271,22 @@ def test_generation_prefills_each_prompt_once_and_draws_the_same_samples():
     torch.manual_seed(0)
     model = T.AutoModelForCausalLM.from_config(config).eval()
     prompts = ["the plot was", "a dull film , and"]
-    settings = rollout.GenerationSettings(max_new_tokens=6)
-    seeds = rollout.sample_seeds(0, 0, [0, 1], 3)
+    settings = GenerationSettings(max_new_tokens=6)
+    seeds = sample_seeds(0, 0, [0, 1], 3)
     prefills = []
-    original = rollout.prefill_once
+    original = backend.prefill_once
 
     def counted(model, prompt_ids, prompt_mask, k):
         out = original(model, prompt_ids, prompt_mask, k)
         prefills.append((len(prompt_ids), k, bool(out)))
         return out
 
-    rollout.prefill_once = counted
+    backend.prefill_once = counted
     try:
-        plain = rollout.sample(model, tokenizer, prompts, 3, settings, seeds)
-        shared = rollout.sample(model, tokenizer, prompts, 3, settings, seeds, shared_prefix=True)
+        plain = sample(model, tokenizer, prompts, 3, settings, seeds)
+        shared = sample(model, tokenizer, prompts, 3, settings, seeds, shared_prefix=True)
     finally:
-        rollout.prefill_once = original
+        backend.prefill_once = original
     assert prefills == [(6, 1, False), (6, 3, True)]  # the second: 2 prompts, expanded to 6 rows
     for a, b in zip(plain, shared, strict=True):
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b

@@ -23,7 +23,8 @@ from rlhf_lightning.callbacks.common import EvalCallback, evaluation_mode, log_m
 from rlhf_lightning.data.batching import pad, truncate
 from rlhf_lightning.data.encoding import encode_prompt, encode_response
 from rlhf_lightning.errors import ConfigError
-from rlhf_lightning.modules.rollout import GenerationSettings, forward_logprobs
+from rlhf_lightning.generation.settings import GenerationSettings
+from rlhf_lightning.models.logprobs import forward_logprobs
 
 
 def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:

@@ -19,7 +19,7 @@ A sequence is `prefix + prompt` then `response + end`, prompt and response token
   (`fit_prompts`, which hands the cut TEXT on, so the reward scores what the policy saw).
 
 SFT, the reward model and the policy all encode text this way, so a policy sample decoded to text
-(`modules/rollout.decode_responses`) and encoded again has the ids the reward model was trained
+(`generation.sampling.decode_responses`) and encoded again has the ids the reward model was trained
 on for that text; generation stops at `stop_token_ids` (the stops plus the ids of the
 checkpoint's `generation_config.json`).
 """

@@ -1,7 +1,7 @@
 """`mode=policy`: a policy against its reference on held-out prompts, judged by every judge.
 
 Both sides (and `compare`, a second policy) answer the same prompts with the same sampling keys
-(`rollout.sample_seeds`: sample j of prompt i draws from stream (seed, EVAL_STREAM, i, j) on every
+(`keyed.sample_seeds`: sample j of prompt i draws from stream (seed, EVAL_STREAM, i, j) on every
 side), so differences between them carry less sampling noise, and every sample is scored by the
 same judges. Per side: the mean reward under each judge, KL(side ‖ reference) by k1 and k3 on its
 samples (exact on an enumerable task), response length, EOS rate and the share of degenerate
@@ -25,8 +25,9 @@ from rlhf_lightning.analysis.overoptimisation import (
 )
 from rlhf_lightning.evaluate import stats
 from rlhf_lightning.evaluate.context import EvalContext, check_same_vocabulary
-from rlhf_lightning.modules.evaluation import EVAL_STREAM, sample_and_score
-from rlhf_lightning.modules.rollout import GenerationSettings, sample_seeds
+from rlhf_lightning.generation.keyed import EVAL_STREAM, sample_seeds
+from rlhf_lightning.generation.settings import GenerationSettings
+from rlhf_lightning.modules.evaluation import sample_and_score
 
 BEST_OF_N_STREAM = EVAL_STREAM + 1  # best-of-n draws: never the same keys as the sides' samples
 

@@ -15,20 +15,22 @@ one-time check and scored through its own forward with `logits_to_keep` instead,
 
 Restriction to a set of allowed ids A (the `oracle` task's words) renormalises the softmax over A:
     log p_A(y_t | y_<t) = z_{y_t}/T − log Σ_{a∈A} exp(z_a/T),   and −inf for y_t ∉ A,
-which is exactly the distribution `generate()` samples from with `AllowedTokensLogitsProcessor`
+which is exactly the distribution sampled with `generation.processors.AllowedTokensLogitsProcessor`
 (custom processors run before the temperature/top-k warpers in transformers' `generate`).
+Model introspection (`head_model`, the head probe) lives in `heads.py`, the shared-prefix KV
+cache (the prompt once per group of samples) in `shared_prefix.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
-from transformers import LogitsProcessor, PreTrainedModel
+
+from rlhf_lightning.models import shared_prefix as sharing
+from rlhf_lightning.models.heads import accepts, head_is_exact, head_model, position_ids
 
 CHUNK_TOKENS = 2048  # positions projected onto the vocabulary at once, at most
 LOGITS_BUDGET = 2**26  # logits per chunk at most (256 MiB in float32): fewer positions at big V
@@ -80,27 +82,6 @@ def entropy_from_logits(
     scaled = _restrict(logits, allowed_token_ids).float() / temperature  # [B, T, K|V]
     logp = torch.log_softmax(scaled, dim=-1)
     return -(logp.exp() * logp).sum(-1)
-
-
-class AllowedTokensLogitsProcessor(LogitsProcessor):
-    """Sets every score outside `allowed_token_ids` to −inf, so `generate()` samples only those ids.
-
-    Use as `model.generate(..., logits_processor=[AllowedTokensLogitsProcessor(ids)])`. The
-    sampled distribution is then the renormalised one that
-    `token_logprobs(..., allowed_token_ids=ids)` scores.
-    """
-
-    def __init__(self, allowed_token_ids: Tensor | list[int]):
-        ids = torch.as_tensor(allowed_token_ids, dtype=torch.long).flatten()
-        if ids.numel() == 0:
-            raise ValueError("AllowedTokensLogitsProcessor needs at least one allowed token id")
-        self.allowed_token_ids = ids
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        # scores: [B, V]
-        keep = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
-        keep[self.allowed_token_ids.to(scores.device)] = True
-        return scores.masked_fill(~keep, float("-inf"))
 
 
 def sequence_logprobs(
@@ -155,11 +136,6 @@ class ResponseScores(NamedTuple):
     hidden: Tensor | None
 
 
-def position_ids(attention_mask: Tensor) -> Tensor:
-    """Positions counted over real tokens only (left padding gets 0), as `generate` uses."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
 def response_logprobs(
     model,
     input_ids: Tensor,
@@ -188,12 +164,12 @@ def response_logprobs(
     hf, context = head_model(model)
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     with context:
-        if hf is not None and _head_is_exact(hf):
-            if shared_prefix is not None and _can_share(hf, input_ids, shared_prefix):
+        if hf is not None and head_is_exact(hf):
+            if shared_prefix is not None and sharing.can_share(hf, input_ids, shared_prefix):
                 k, width = shared_prefix
-                tail = _shared_prefix_states(hf, input_ids, attention_mask, k, width)
+                tail = sharing.shared_prefix_states(hf, input_ids, attention_mask, k, width)
                 features = tail[rows, cols - (width - 1)]  # [N, H]; cols >= width - 1
-                states = _left_zeros(tail, width - 1) if hidden else None
+                states = sharing.left_zeros(tail, width - 1) if hidden else None
             else:
                 states = hf.base_model(**kwargs).last_hidden_state  # [B, T, H]
                 features = states[rows, cols]  # [N, H]
@@ -259,195 +235,38 @@ class _ChunkScore:
 def _forward_keeping(model, kwargs: dict, keep: int, hidden: bool):
     """model(**kwargs) returning logits of the last `keep` positions when the model can."""
     extra = {"output_hidden_states": True} if hidden else {}
-    if _accepts(model, "logits_to_keep"):
+    if accepts(model, "logits_to_keep"):
         extra["logits_to_keep"] = keep
     return model(**kwargs, **extra)
 
 
-def _accepts(model, name: str) -> bool:
-    target = getattr(model, "policy", model)  # the LoRA reference wraps its policy
-    try:
-        return name in inspect.signature(target.forward).parameters
-    except (TypeError, ValueError):
-        return False
+def forward_logprobs(
+    model,
+    input_ids,
+    attention_mask,
+    response_mask,
+    temperature=1.0,
+    allowed_token_ids=None,
+    entropy: bool = False,
+    hidden: bool = False,
+    shared_prefix: tuple[int, int] | None = None,
+) -> ResponseScores:
+    """Per-token log p of the response tokens [B, T] (0 elsewhere), their entropies and the
+    backbone's hidden states, with logits at response positions only (`response_logprobs`).
 
-
-def head_model(model):
-    """(the transformers model to split into backbone and head, the context to call it in), or
-    (None, a null context) for models we only call whole (FSDP-wrapped, foreign callables)."""
-    from rlhf_lightning.models.lora import AdapterDisabledReference
-
-    if isinstance(model, AdapterDisabledReference):
-        return _unwrap_peft(model.policy), model.adapter_off()
-    inner = _unwrap_peft(model)
-    if isinstance(inner, PreTrainedModel):
-        return inner, contextlib.nullcontext()
-    return None, contextlib.nullcontext()
-
-
-def _unwrap_peft(model):
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-@contextlib.contextmanager
-def probing(hf, float64: bool = False):
-    """Eval mode, no grad and no autocast for a one-time probe; every module's train/eval flag
-    restored after (the policy's checkpointed layers keep theirs).
-
-    float64: the probe runs on float64 copies of every floating parameter and buffer, restored to
-    the original tensors after (exact, whatever the dtype). A probe then judges the computation, not
-    its round-off: 30 layers of float32 round-off put SmolLM2-135M's states 1–2e-3 apart at
-    magnitude ~55, and bfloat16 far more, though shared-prefix and plain passes are the same maths.
+    `logprobs[:, t]` is log p(input_ids[:, t] | input_ids[:, :t]); positions are counted over
+    real tokens (`position_ids`), as `generate` counts them. `shared_prefix` (k, Tp): groups of
+    k rows share their prompt, which then runs once per group (`response_logprobs`).
     """
-    modes = [(m, m.training) for m in hf.modules()]
-    originals = []
-    device = next(hf.parameters()).device
-    try:
-        hf.eval()
-        if float64:
-            for tensor in (*hf.parameters(), *hf.buffers()):
-                if tensor.is_floating_point() and tensor.dtype != torch.float64:
-                    originals.append((tensor, tensor.data))
-                    tensor.data = tensor.data.to(torch.float64)
-        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-            yield
-    finally:
-        for tensor, data in originals:
-            tensor.data = data
-        for module, mode in modes:
-            module.training = mode
-
-
-def _agree(a: Tensor, b: Tensor) -> bool:
-    """Equal up to float64 round-off (probes compare float64 computations)."""
-    return a.shape == b.shape and bool(torch.allclose(a.double(), b.double(), rtol=1e-9, atol=1e-9))
-
-
-def _head_is_exact(hf: PreTrainedModel) -> bool:
-    """Whether hf's logits are exactly head(backbone(x)) — checked once per model object on a
-    4-token input in eval mode and float64 (soft-capping or logit scaling would fail it)."""
-    cached = getattr(hf, "_rlhf_head_is_exact", None)
-    if cached is not None:
-        return cached
-    if hf.base_model is hf or hf.get_output_embeddings() is None:  # no backbone + head to call
-        hf._rlhf_head_is_exact = False
-        return False
-    device = next(hf.parameters()).device
-    ids = torch.arange(4, device=device)[None] % hf.get_input_embeddings().num_embeddings
-    try:
-        with probing(hf, float64=True):
-            whole = hf(input_ids=ids).logits
-            split = hf.get_output_embeddings()(hf.base_model(input_ids=ids).last_hidden_state)
-            exact = _agree(whole, split)
-    except Exception:  # an unusual architecture: use its own forward
-        exact = False
-    hf._rlhf_head_is_exact = bool(exact)
-    return hf._rlhf_head_is_exact
-
-
-# ---- shared prefixes ---------------------------------------------------------------------------
-
-
-def _shared_prefix_states(hf, input_ids: Tensor, attention_mask: Tensor, k: int, width: int):
-    """Backbone states [B, T − Tp + 1, H] at columns Tp−1 … T−1 of k-row groups sharing [:Tp].
-
-    The prompt [G, Tp] (left-padded) runs once per group with a cache; the cache is expanded to the
-    B = G·k rows and the responses [B, T − Tp] run against it, positions continuing the prompt's.
-    """
-    backbone = hf.base_model
-    prompt, prompt_mask = input_ids[::k, :width], attention_mask[::k, :width]  # [G, Tp]
-    first = backbone(
-        input_ids=prompt,
-        attention_mask=prompt_mask,
-        position_ids=position_ids(prompt_mask),
-        use_cache=True,
+    return response_logprobs(
+        model,
+        input_ids,
+        attention_mask,
+        response_mask,
+        temperature,
+        allowed_token_ids,
+        position_ids=position_ids(attention_mask),
+        entropy=entropy,
+        hidden=hidden,
+        shared_prefix=shared_prefix,
     )
-    cache = _cache_of(first)
-    cache.batch_repeat_interleave(k)  # [G, …] -> [B, …], rows grouped as the input's
-    start = prompt_mask.sum(-1).repeat_interleave(k)[:, None]  # [B, 1] real prompt tokens
-    positions = start + torch.arange(input_ids.shape[1] - width, device=input_ids.device)
-    second = backbone(
-        input_ids=input_ids[:, width:],
-        attention_mask=attention_mask,
-        position_ids=positions,
-        use_cache=True,
-        **{_cache_kwarg(backbone): cache},
-    )
-    last_prompt = first.last_hidden_state[:, -1:].repeat_interleave(k, dim=0)  # [B, 1, H]
-    return torch.cat([last_prompt, second.last_hidden_state], dim=1)
-
-
-def _left_zeros(tail: Tensor, columns: int) -> Tensor:
-    return torch.cat([tail.new_zeros(tail.shape[0], columns, tail.shape[2]), tail], dim=1)
-
-
-def _cache_of(output):
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
-
-
-def _cache_kwarg(backbone) -> str:
-    try:
-        names = inspect.signature(backbone.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in names else "past_key_values"
-
-
-_SAID: set[str] = set()
-
-
-def _fall_back(hf, why: str) -> bool:
-    name = type(hf).__name__
-    if name + why not in _SAID:
-        _SAID.add(name + why)
-        print(f"[shared-prefix] {name}: {why}; using the plain forward (same numbers, more work)")
-    return False
-
-
-def _can_share(hf, input_ids: Tensor, shared_prefix: tuple[int, int]) -> bool:
-    """Whether this call may take the shared-prefix path (else the plain one, said once)."""
-    k, width = shared_prefix
-    rows, columns = input_ids.shape
-    if k < 2 or rows % k or not 0 < width < columns:
-        return False
-    grouped = input_ids[:, :width].view(rows // k, k, width)
-    if not bool((grouped == grouped[:, :1]).all()):  # rows of a group must share the prompt
-        return False
-    checkpointed = any(
-        getattr(m, "gradient_checkpointing", False) and m.training for m in hf.modules()
-    )
-    if torch.is_grad_enabled() and checkpointed:
-        return _fall_back(hf, "activation checkpointing drops the cache in the backward pass")
-    return _shared_prefix_is_exact(hf)
-
-
-def _shared_prefix_is_exact(hf) -> bool:
-    """A one-time probe per model object: shared-prefix states equal the plain pass's in float64
-    (eval mode, 2 prompts × 2 responses, one prompt left-padded): the same computation, whatever
-    round-off the model's own dtype and depth add to each (`probing`)."""
-    cached = getattr(hf, "_rlhf_shared_prefix_is_exact", None)
-    if cached is not None:
-        return cached
-    device = next(hf.parameters()).device
-    vocab, pad = hf.get_input_embeddings().num_embeddings, hf.config.pad_token_id
-    tokens = [i for i in range(1, 12) if i != pad and i < vocab]
-    ids = torch.tensor([tokens[:7]] * 2 + [tokens[3:10]] * 2, device=device)  # [4, 7], Tp = 4
-    mask = torch.ones_like(ids)
-    mask[2:, :1] = 0  # the second prompt is left-padded
-    mask[1, 6:] = 0  # a response that ended early
-    exact = False
-    try:
-        with probing(hf, float64=True):
-            plain = hf.base_model(
-                input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)
-            ).last_hidden_state[:, 3:]
-            shared = _shared_prefix_states(hf, ids, mask, 2, 4)
-        real = mask[:, 3:].bool()
-        exact = _agree(plain[real], shared[real])
-        why = "its shared-prefix states differ from the plain pass"
-    except Exception as err:  # no external cache, or another cache layout
-        why = f"it cannot run a prompt's cache against its responses ({type(err).__name__})"
-    hf._rlhf_shared_prefix_is_exact = exact or _fall_back(hf, why)
-    return hf._rlhf_shared_prefix_is_exact

@@ -13,7 +13,7 @@ not `score(backbone(x))` is found by a one-time check and scored through its own
 
 Shared prompts (`groups`): the rows of each group (a preference pair's chosen and rejected, or
 the k samples of one prompt) are one prompt with different responses. Then the prompt runs once
-per group and the responses against its expanded KV cache (`logprobs._shared_prefix_states`),
+per group and the responses against its expanded KV cache (`shared_prefix.shared_prefix_states`),
 gradients of the prompt accumulating from every response — the same scores, less work. Rows whose
 prompt tokens differ inside a group (truncation cut them differently) take the plain pass.
 """
@@ -23,13 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rlhf_lightning.models.logprobs import (
-    _agree,
-    _can_share,
-    _shared_prefix_states,
-    head_model,
-    probing,
-)
+from rlhf_lightning.models.heads import agree, head_model, probing
+from rlhf_lightning.models.shared_prefix import can_share, shared_prefix_states
 
 
 def reward_scores(
@@ -51,9 +46,9 @@ def reward_scores(
         if groups is not None and response_mask is not None:
             regrouped = regroup(input_ids, attention_mask, response_mask, groups)
             k = groups.shape[1]
-            if regrouped is not None and _can_share(hf, regrouped[0], (k, regrouped[2])):
+            if regrouped is not None and can_share(hf, regrouped[0], (k, regrouped[2])):
                 ids, mask, width, lengths = regrouped
-                tail = _shared_prefix_states(hf, ids, mask, k, width)  # [N, 1 + Tr, H]
+                tail = shared_prefix_states(hf, ids, mask, k, width)  # [N, 1 + Tr, H]
                 h = tail[torch.arange(len(lengths), device=ids.device), lengths]  # [N, H]
                 scores = _float_score(hf.score, h)  # in group order
                 return torch.empty_like(scores).index_put((groups.flatten(),), scores)
@@ -119,7 +114,7 @@ def _score_head_is_exact(hf) -> bool:
             with probing(hf, float64=True):  # the maths, not bf16's round-off (any precision)
                 whole = hf(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, 0]
                 ours = reward_scores_unchecked(hf, x, torch.ones_like(x))
-                exact = _agree(whole, ours)
+                exact = agree(whole, ours)
         except Exception:  # an unusual architecture: use its own forward
             exact = False
     hf._rlhf_score_is_exact = exact

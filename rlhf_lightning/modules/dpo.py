@@ -31,11 +31,11 @@ from torchmetrics import MeanMetric
 
 from rlhf_lightning.control.beta import FixedBeta
 from rlhf_lightning.distributed import all_reduce_sum, rank, world_size
+from rlhf_lightning.generation.settings import GenerationSettings
 from rlhf_lightning.losses.dpo import DPO_LOSSES, dpo_loss, implicit_accuracy
 from rlhf_lightning.microbatch import chunked
 from rlhf_lightning.models.factory import train_without_dropout
 from rlhf_lightning.models.logprobs import response_logprobs
-from rlhf_lightning.modules.rollout import GenerationSettings
 from rlhf_lightning.modules.supervised import MicroBatchedModule, trimmed
 
 KEYS = ("input_ids", "attention_mask", "response_mask")

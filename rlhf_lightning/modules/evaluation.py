@@ -1,7 +1,8 @@
 """Evaluate a policy on held-out prompts: proxy reward, gold reward and KL to the reference.
 
 Shared by the end-of-stage summary and the evaluation callbacks, so every number of the form
-`eval/*` is computed one way: sample from the policy at the training temperature, score the text
+`eval/*` is computed one way (the sampling itself is `generation.sampling.sample`, keyed by
+`generation.keyed.EVAL_STREAM`): sample from the policy at the training temperature, score the text
 with the proxy (the reward being optimised) and, when the task has one, the gold reward; KL is the
 k1 estimate Σ_t log p_θ/p_ref over the policy's own samples (unbiased for KL(p_θ‖p_ref)).
 """
@@ -12,14 +13,10 @@ from collections.abc import Callable
 
 import torch
 
+from rlhf_lightning.generation.keyed import EVAL_STREAM, sample_seeds
+from rlhf_lightning.generation.sampling import decode_responses, policy_prompts, sample
 from rlhf_lightning.losses import kl_per_token, sequence_kl
-from rlhf_lightning.modules.rollout import (
-    decode_responses,
-    forward_logprobs,
-    policy_prompts,
-    sample,
-    sample_seeds,
-)
+from rlhf_lightning.models.logprobs import forward_logprobs
 from rlhf_lightning.rewards.base import score
 
 
@@ -36,7 +33,7 @@ def sample_and_score(
     """Responses of `model` to `prompts`, with per-sample proxy, gold, KL (k1 and k3), length
     and `ended` (closed by a stop token) tensors [B]; k > 1 samples of a prompt share its prefix.
 
-    `seeds` (one per sample, see `rollout.sample_seeds`) key each sample's random draws; without
+    `seeds` (one per sample, see `keyed.sample_seeds`) key each sample's random draws; without
     them sampling uses the global RNG. `module.forward_batch_size`, when set, bounds the
     sequences per call instead of `batch_size`. Prompts longer than the generation settings'
     `max_prompt_length` are cut as training cuts them (`policy_prompts`); the returned prompts
@@ -87,9 +84,6 @@ def sample_and_score(
     for key in ("proxy", "gold", "kl", "kl_k3", "length", "ended"):
         out[key] = torch.cat(out[key]) if out[key] else None
     return out
-
-
-EVAL_STREAM = 2**32  # the "rollout number" of evaluation draws: never one of training's
 
 
 def evaluate_policy(

@@ -24,20 +24,15 @@ from rlhf_lightning.distributed import (
     world_size,
 )
 from rlhf_lightning.errors import NumericalError
+from rlhf_lightning.generation.keyed import sample_seeds
+from rlhf_lightning.generation.sampling import decode_responses, policy_prompts, sample
+from rlhf_lightning.generation.settings import GenerationSettings
 from rlhf_lightning.losses import masked_mean, ppo_policy_loss, ppo_value_loss, sequence_kl
 from rlhf_lightning.microbatch import accumulate, chunked, plan, shape_on_failure, trim_columns
 from rlhf_lightning.models.factory import train_without_dropout
+from rlhf_lightning.models.logprobs import forward_logprobs
 from rlhf_lightning.modules.algorithm import Algorithm
-from rlhf_lightning.modules.rollout import (
-    GenerationSettings,
-    Rollout,
-    decode_responses,
-    forward_logprobs,
-    minibatch_rows,
-    policy_prompts,
-    sample,
-    sample_seeds,
-)
+from rlhf_lightning.modules.rollout import Rollout, minibatch_rows
 from rlhf_lightning.rewards.base import score
 from rlhf_lightning.sharding import clip_grad_norm
 

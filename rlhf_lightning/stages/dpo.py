@@ -21,10 +21,10 @@ from omegaconf import OmegaConf
 
 from rlhf_lightning.artifacts import save_model_artifact
 from rlhf_lightning.data.preference import PreferenceDataModule
+from rlhf_lightning.generation.settings import GenerationSettings
 from rlhf_lightning.models.lora import export_for_saving
 from rlhf_lightning.modules.dpo import DPOModule
 from rlhf_lightning.modules.evaluation import evaluate_policy
-from rlhf_lightning.modules.rollout import GenerationSettings
 from rlhf_lightning.rewards.base import RewardFunction
 from rlhf_lightning.stages.common import policy_and_reference, rank_zero_work, validation_metrics
 

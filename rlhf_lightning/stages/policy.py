@@ -14,11 +14,11 @@ from omegaconf import OmegaConf
 
 from rlhf_lightning.artifacts import save_model_artifact
 from rlhf_lightning.data.prompts import PromptDataModule
+from rlhf_lightning.generation.settings import GenerationSettings
 from rlhf_lightning.models.lora import export_for_saving
 from rlhf_lightning.modules.algorithm import Algorithm
 from rlhf_lightning.modules.evaluation import evaluate_policy
 from rlhf_lightning.modules.policy import PolicyModule
-from rlhf_lightning.modules.rollout import GenerationSettings
 from rlhf_lightning.sharding import deepspeed_gradient_clipping
 from rlhf_lightning.stages.common import policy_and_reference, rank_zero_work
 

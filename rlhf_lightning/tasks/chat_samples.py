@@ -1,6 +1,6 @@
 """Sampling and caching the pairs of `task=chat`: the checkpoint answers each request twice.
 
-`PairSampler` draws both responses of a pair with `modules/rollout.sample` from random streams
+`PairSampler` draws both responses of a pair with `generation.sampling.sample` from random streams
 keyed by (seed, SAMPLE_STREAM + split, pair, j), so a pair does not depend on the batch it is drawn
 in. `SampleCache` keeps every sampled pair in `<data_dir>/samples/<split>.jsonl`, appended batch by
 batch (an interrupted run resumes where it stopped; a larger split only samples its new pairs),
@@ -29,7 +29,7 @@ class PairSampler:
     """The checkpoint and tokenizer, loaded once, drawing keyed pairs of responses."""
 
     def __init__(self, model_spec, settings: dict):
-        from rlhf_lightning.modules.rollout import GenerationSettings
+        from rlhf_lightning.generation.settings import GenerationSettings
 
         print(
             f"[chat] sampling preference pairs from {model_spec.name_or_path} (cached)", flush=True
@@ -43,7 +43,8 @@ class PairSampler:
 
     def __call__(self, split: str, split_number: int, indices: list[int], requests: list[str]):
         from rlhf_lightning.data.chat import render_prompt
-        from rlhf_lightning.modules.rollout import decode_responses, sample, sample_seeds
+        from rlhf_lightning.generation.keyed import sample_seeds
+        from rlhf_lightning.generation.sampling import decode_responses, sample
 
         prompts = [render_prompt(user(r), self.tokenizer) for r in requests]
         seeds = sample_seeds(self.seed, SAMPLE_STREAM + split_number, indices, 2)

@@ -1,0 +1,106 @@
+"""Model introspection: which transformers model to split into backbone and output head, whether
+its logits are exactly head(backbone(x)), and the float64 probes that decide fast paths.
+
+A probe judges the computation, not its round-off: it runs once per model object on float64
+copies of the weights (`probing`), compares with `agree` (float64 round-off), and caches its
+verdict on the model (`_rlhf_*` attributes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions counted over real tokens only (left padding gets 0), as `generate` counts them:
+    the one convention every forward over left-padded rows follows."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def accepts(model, name: str) -> bool:
+    """Whether the model's `forward` (the LoRA reference's policy's) takes keyword `name`."""
+    target = getattr(model, "policy", model)  # the LoRA reference wraps its policy
+    try:
+        return name in inspect.signature(target.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def head_model(model):
+    """(the transformers model to split into backbone and head, the context to call it in), or
+    (None, a null context) for models we only call whole (FSDP-wrapped, foreign callables)."""
+    from rlhf_lightning.models.lora import AdapterDisabledReference
+
+    if isinstance(model, AdapterDisabledReference):
+        return unwrap_peft(model.policy), model.adapter_off()
+    inner = unwrap_peft(model)
+    if isinstance(inner, PreTrainedModel):
+        return inner, contextlib.nullcontext()
+    return None, contextlib.nullcontext()
+
+
+def unwrap_peft(model):
+    """The transformers model inside a PEFT wrapper (the model itself otherwise)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+@contextlib.contextmanager
+def probing(hf, float64: bool = False):
+    """Eval mode, no grad and no autocast for a one-time probe; every module's train/eval flag
+    restored after (the policy's checkpointed layers keep theirs).
+
+    float64: the probe runs on float64 copies of every floating parameter and buffer, restored to
+    the original tensors after (exact, whatever the dtype). A probe then judges the computation, not
+    its round-off: 30 layers of float32 round-off put SmolLM2-135M's states 1–2e-3 apart at
+    magnitude ~55, and bfloat16 far more, though shared-prefix and plain passes are the same maths.
+    """
+    modes = [(m, m.training) for m in hf.modules()]
+    originals = []
+    device = next(hf.parameters()).device
+    try:
+        hf.eval()
+        if float64:
+            for tensor in (*hf.parameters(), *hf.buffers()):
+                if tensor.is_floating_point() and tensor.dtype != torch.float64:
+                    originals.append((tensor, tensor.data))
+                    tensor.data = tensor.data.to(torch.float64)
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+            yield
+    finally:
+        for tensor, data in originals:
+            tensor.data = data
+        for module, mode in modes:
+            module.training = mode
+
+
+def agree(a: Tensor, b: Tensor) -> bool:
+    """Equal up to float64 round-off (probes compare float64 computations)."""
+    return a.shape == b.shape and bool(torch.allclose(a.double(), b.double(), rtol=1e-9, atol=1e-9))
+
+
+def head_is_exact(hf: PreTrainedModel) -> bool:
+    """Whether hf's logits are exactly head(backbone(x)) — checked once per model object on a
+    4-token input in eval mode and float64 (soft-capping or logit scaling would fail it)."""
+    cached = getattr(hf, "_rlhf_head_is_exact", None)
+    if cached is not None:
+        return cached
+    if hf.base_model is hf or hf.get_output_embeddings() is None:  # no backbone + head to call
+        hf._rlhf_head_is_exact = False
+        return False
+    device = next(hf.parameters()).device
+    ids = torch.arange(4, device=device)[None] % hf.get_input_embeddings().num_embeddings
+    try:
+        with probing(hf, float64=True):
+            whole = hf(input_ids=ids).logits
+            split = hf.get_output_embeddings()(hf.base_model(input_ids=ids).last_hidden_state)
+            exact = agree(whole, split)
+    except Exception:  # an unusual architecture: use its own forward
+        exact = False
+    hf._rlhf_head_is_exact = bool(exact)
+    return hf._rlhf_head_is_exact
