@@ -224,6 +224,13 @@ def test_same_seed_same_files_and_the_cache_samples_only_new_pairs(
     assert "sampled 2/2 pairs" in capsys.readouterr().out  # the 8 cached pairs are reused
     cached = read_jsonl(toy_dir / "samples/train.jsonl")
     assert read_jsonl(more / "samples/train.jsonl")[:4] == cached
+    fewer = ChatTask(smollm2, **TOY_TASK).write(
+        again
+    )  # back to 4: the cache's first 4, no sampling
+    assert "sampled" not in capsys.readouterr().out
+    assert (fewer / "prefs_train.jsonl").read_bytes() == (
+        toy_dir / "prefs_train.jsonl"
+    ).read_bytes()
 
 
 # ---- every recipe at a toy size (subprocesses of train.py) ----------------------------------------

@@ -116,7 +116,8 @@ class ChatTask:
             return data_dir
         self._checkpoint_or_fail()
         (data_dir / "card.json").unlink(missing_ok=True)  # never a half-rewritten folder
-        pairs = SampleCache(data_dir / "samples", self._sample_key()).load()
+        cached = SampleCache(data_dir / "samples", self._sample_key()).load()
+        pairs = {s: rows[: self.settings[f"n_pairs_{s}"]] for s, rows in cached.items()}
         pairs = self._sample_missing(pairs, data_dir / "samples")
         data = self._files(pairs)
         for file_name, rows in data.items():
@@ -163,7 +164,14 @@ class ChatTask:
             )
 
     def _sample_key(self) -> dict:
-        keys = ("seed", "model", "dtype", "max_new_tokens", "sampling_temperature")
+        keys = (
+            "seed",
+            "n_prompts_eval",
+            "model",
+            "dtype",
+            "max_new_tokens",
+            "sampling_temperature",
+        )
         return {k: self.settings[k] for k in keys} | {"requests": len(all_requests())}
 
     def _requests_of(self, split: str) -> list[str]:
