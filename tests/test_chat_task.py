@@ -18,8 +18,8 @@ from rlhf_lightning.errors import ConfigError
 from rlhf_lightning.models.factory import ModelSpec
 from rlhf_lightning.tasks import chat_judge as judge
 from rlhf_lightning.tasks.base import TASK_FILES, Task
-from rlhf_lightning.tasks.chat import ChatTask, _label, subject_keyword
-from rlhf_lightning.tasks.chat_prompts import all_requests
+from rlhf_lightning.tasks.chat import ChatTask, _label
+from rlhf_lightning.tasks.chat_prompts import all_requests, subject_keyword
 
 REQUEST = "In one or two sentences, write an enthusiastic review of a stainless steel water bottle."
 GOOD = "This water bottle keeps my drinks cold all day, and I love its simple design."

@@ -28,11 +28,9 @@ from __future__ import annotations
 import json
 import math
 import random
-import re
 import statistics
 import time
 from collections.abc import Iterator, Sequence
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -40,7 +38,7 @@ import torch
 from rlhf_lightning.errors import ConfigError
 from rlhf_lightning.tasks import chat_judge as judge
 from rlhf_lightning.tasks.base import is_written, write_json_atomic, write_jsonl_atomic
-from rlhf_lightning.tasks.chat_prompts import all_requests
+from rlhf_lightning.tasks.chat_prompts import all_requests, subject_keyword
 from rlhf_lightning.tasks.chat_samples import (
     PAIR_SPLITS,
     PairSampler,
@@ -290,21 +288,6 @@ def _label(pairs: list[dict], stream: str, tau: float) -> tuple[list[dict], floa
         agree += 0.5 if g1 == g2 else float((g1 > g2) == first_wins)
     n = max(1, len(rows))
     return rows, round(bayes / n, 6), round(agree / n, 6), skipped
-
-
-@lru_cache(maxsize=1)
-def _keyword_pattern() -> tuple[re.Pattern, dict[str, str]]:
-    keywords = dict(all_requests())
-    alternatives = sorted(keywords, key=len, reverse=True)
-    return re.compile("|".join(map(re.escape, alternatives))), keywords
-
-
-@lru_cache(maxsize=4096)
-def subject_keyword(prompt: str) -> str | None:
-    """The keyword of the task's request inside `prompt` (a rendered chat prompt), else None."""
-    pattern, keywords = _keyword_pattern()
-    found = pattern.search(prompt)
-    return keywords[found.group(0)] if found else None
 
 
 def _assistant(response: str) -> list[dict]:

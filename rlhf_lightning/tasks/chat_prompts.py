@@ -4,10 +4,12 @@ Each family pairs request templates with subjects; a subject is (phrase, keyword
 being the head word a response that stays on topic names ("a stainless steel water bottle" →
 "bottle"). `all_requests()` is the full, deterministic list of (request text, keyword), 470
 distinct requests; the task shuffles it by seed and holds some out for evaluation.
+`subject_keyword(prompt)` finds a request inside a rendered prompt and returns its keyword.
 """
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 PRODUCTS = [
@@ -192,3 +194,18 @@ def all_requests() -> tuple[tuple[str, str], ...]:
         for template in CHEER:
             out[template.format(o=occasion)] = keyword
     return tuple(out.items())
+
+
+@lru_cache(maxsize=1)
+def _keyword_pattern() -> tuple[re.Pattern, dict[str, str]]:
+    keywords = dict(all_requests())
+    alternatives = sorted(keywords, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, alternatives))), keywords
+
+
+@lru_cache(maxsize=4096)
+def subject_keyword(prompt: str) -> str | None:
+    """The keyword of the task's request inside `prompt` (a rendered chat prompt), else None."""
+    pattern, keywords = _keyword_pattern()
+    found = pattern.search(prompt)
+    return keywords[found.group(0)] if found else None
