@@ -280,3 +280,32 @@ def test_rm_speed_options_keep_the_float32_score_path_on_smollm2(spec, tokenizer
     lora = reward_model_with_lora(spec.reward_model(tokenizer), LoraSettings(r=4))
     hf, _ = head_model(lora)
     assert _score_head_is_exact(hf) and S.shared_prefix_is_exact(hf)
+
+
+def test_a_float64_probe_leaves_the_live_parameters_and_their_gradient_hooks_alone():
+    """DDP hangs its all-reduce hooks on each parameter's gradient accumulator; a probe that
+    changed `.data`'s dtype gave the parameters new accumulators and silently ended the all-reduce."""
+    from rlhf_lightning.models.heads import probing
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config)
+    params = dict(model.named_parameters())
+    accumulators = {n: p.view_as(p).grad_fn.next_functions[0][0] for n, p in params.items()}
+    fired = []
+    for p in params.values():
+        p.register_post_accumulate_grad_hook(lambda p: fired.append(p))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with probing(model, float64=True):
+        assert model.get_input_embeddings().weight.dtype == torch.float64
+        assert model.lm_head.weight is model.get_input_embeddings().weight  # still tied
+        model(input_ids=ids)
+    after = dict(model.named_parameters())
+    assert all(after[n] is p and p.dtype == torch.float32 for n, p in params.items())
+    assert all(
+        p.view_as(p).grad_fn.next_functions[0][0] is accumulators[n] for n, p in after.items()
+    )
+    model(input_ids=ids).logits.sum().backward()
+    assert len(fired) == len(params)

@@ -55,26 +55,40 @@ def probing(hf, float64: bool = False):
     """Eval mode, no grad and no autocast for a one-time probe; every module's train/eval flag
     restored after (the policy's checkpointed layers keep theirs).
 
-    float64: the probe runs on float64 copies of every floating parameter and buffer, restored to
-    the original tensors after (exact, whatever the dtype). A probe then judges the computation, not
-    its round-off: 30 layers of float32 round-off put SmolLM2-135M's states 1–2e-3 apart at
-    magnitude ~55, and bfloat16 far more, though shared-prefix and plain passes are the same maths.
+    float64: for the probe, every floating parameter and buffer is replaced by a float64 copy (one
+    per tensor, so tied weights stay tied), and the original objects are put back after. A probe
+    then judges the computation, not its round-off: 30 layers of float32 round-off put
+    SmolLM2-135M's states 1–2e-3 apart at magnitude ~55, and bfloat16 far more, though shared-prefix
+    and plain passes are the same maths. The originals are never modified: DDP hangs its gradient
+    hooks on their accumulators, which a dtype change of `.data` would drop (no more all-reduce).
     """
     modes = [(m, m.training) for m in hf.modules()]
-    originals = []
     device = next(hf.parameters()).device
+    swapped: list[tuple[dict, str, Tensor]] = []  # (module._parameters or _buffers, name, original)
     try:
         hf.eval()
         if float64:
-            for tensor in (*hf.parameters(), *hf.buffers()):
-                if tensor.is_floating_point() and tensor.dtype != torch.float64:
-                    originals.append((tensor, tensor.data))
-                    tensor.data = tensor.data.to(torch.float64)
+            copies: dict[int, Tensor] = {}
+            for module in hf.modules():
+                for table in (module._parameters, module._buffers):
+                    for name, tensor in list(table.items()):
+                        if tensor is None or not tensor.is_floating_point():
+                            continue
+                        if id(tensor) not in copies:
+                            double = tensor.detach().to(torch.float64)
+                            is_param = isinstance(tensor, torch.nn.Parameter)
+                            copies[id(tensor)] = (
+                                torch.nn.Parameter(double, requires_grad=False)
+                                if is_param
+                                else double
+                            )
+                        swapped.append((table, name, tensor))
+                        table[name] = copies[id(tensor)]
         with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
             yield
     finally:
-        for tensor, data in originals:
-            tensor.data = data
+        for table, name, original in reversed(swapped):
+            table[name] = original
         for module, mode in modes:
             module.training = mode
 
