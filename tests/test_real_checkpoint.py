@@ -309,3 +309,37 @@ def test_a_float64_probe_leaves_the_live_parameters_and_their_gradient_hooks_alo
     )
     model(input_ids=ids).logits.sum().backward()
     assert len(fired) == len(params)
+
+
+@pytest.mark.slow  # loads SmolLM2 twice and samples with each
+def test_a_copy_of_smollm2_whose_generation_config_sets_sampling_settings_samples_the_same(
+    smollm2, tmp_path, tokenizer
+):
+    """Acceptance of issue 20: the checkpoint's generation_config.json never warps our sampling."""
+    from pathlib import Path
+
+    from rlhf_lightning.generation.sampling import sample
+    from rlhf_lightning.generation.settings import GenerationSettings
+
+    copy = tmp_path / "smollm2-shipped"
+    copy.mkdir()
+    for path in Path(smollm2).iterdir():  # the weights are linked, not copied
+        if path.name != "generation_config.json":
+            (copy / path.name).symlink_to(path)
+    shipped = json.loads((Path(smollm2) / "generation_config.json").read_text())
+    shipped.update(repetition_penalty=1.8, top_k=3, top_p=0.5, temperature=0.2, do_sample=True)
+    (copy / "generation_config.json").write_text(json.dumps(shipped))
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        for q in ("Describe a quiet morning.", "Name a fruit.")
+    ]
+    settings, seeds = GenerationSettings(max_new_tokens=8), [11, 12, 13, 14]
+    draws = []
+    for folder in (smollm2, copy):
+        model = ModelSpec(name_or_path=str(folder)).causal_lm(tokenizer).eval()
+        draws.append(sample(model, tokenizer, prompts, 2, settings, seeds, shared_prefix=True))
+    assert model.generation_config.top_k == 3  # the copy's settings were read, and ignored
+    for a, b in zip(draws[0][:4], draws[1][:4], strict=True):
+        assert torch.equal(a, b)
