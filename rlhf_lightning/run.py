@@ -81,7 +81,8 @@ class RunContext:
         return path
 
     def trainer(self, stage: str, **overrides) -> L.Trainer:
-        callbacks = [instantiate(c) for c in (self.cfg.get("callbacks") or {}).values()]
+        nodes = (self.cfg.get("callbacks") or {}).values()  # an experiment may size a callback
+        callbacks = [instantiate(c) for c in nodes if "_target_" in c]  # that callbacks=none drops
         callbacks = [c for c in callbacks if stage in getattr(c, "stages", (stage,))]
         dirpath = checkpoint_dir(self.output_dir, stage)  # checkpoints/<stage>/last.ckpt
         checkpoint = instantiate(self.cfg.checkpoint, dirpath=str(dirpath))
@@ -222,14 +223,30 @@ def _print_summary(ctx: RunContext, results: dict[str, dict]) -> None:
     for line in files_to_open(out):
         print(line)
     if "policy" in results or "rm" in results:
-        args = [o for o in _job_overrides() if o.startswith(("task", "data", "paths", "seed"))]
-        args = [*args, *[o for o in _job_overrides() if o.startswith("model")]]
+        args = eval_arguments(ctx.cfg)
         if "policy" in results:
             what = "policy vs its reference, with intervals"
             mode = ""
         else:
             what, mode = "the reward model on held-out pairs: accuracy, calibration", " mode=rm"
         print(f"next: python eval.py{mode}{''.join(' ' + a for a in args)}  ({what})")
+
+
+def eval_arguments(cfg: DictConfig) -> list[str]:
+    """The eval.py arguments that evaluate what this run trained: its data and model choices (an
+    experiment's too), paths and seed as given, and how the policy sampled."""
+    from hydra.core.hydra_config import HydraConfig
+
+    given = [
+        o for o in _job_overrides() if o.startswith(("task.", "data", "paths", "seed", "model."))
+    ]
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    picked = [f"{group}={choices[group]}" for group in ("task", "model") if group in choices]
+    picked = [p for p in picked if p not in ("task=reviews", "model=tiny")]  # eval.py's defaults
+    generation = cfg.policy.generation
+    sampled = {"max_new_tokens": 32, "temperature": 1.0}  # conf/eval.yaml generation
+    changed = [f"generation.{k}={generation[k]}" for k, v in sampled.items() if generation[k] != v]
+    return [*picked, *given, *changed]
 
 
 def files_to_open(out: Path) -> list[str]:

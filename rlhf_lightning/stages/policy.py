@@ -31,7 +31,7 @@ def build_policy_module(ctx) -> PolicyModule:
     policy, reference, identity = policy_and_reference(ctx, "policy", cfg.policy.reference)
     reward = instantiate(cfg.reward).setup(ctx)
     task = ctx.data.task
-    generation = GenerationSettings(**OmegaConf.to_container(cfg.policy.generation))
+    generation = GenerationSettings(**OmegaConf.to_container(cfg.policy.generation, resolve=True))
     exact = None
     if task is not None and hasattr(task, "allowed_token_ids"):  # enumerable task
         generation.allowed_token_ids = task.allowed_token_ids(tokenizer)
