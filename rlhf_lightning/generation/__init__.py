@@ -8,6 +8,6 @@ checkpoint_config.py  our complete `GenerationConfig`; the checkpoint's blanked 
 prefill.py         `prefill_once`: a group's shared prompt prefilled once, its cache expanded
 backend.py         the `RolloutBackend` protocol: left-padded prompt ids + keys in, responses out
 hf.py              `HFGenerateBackend`: transformers' `generate` (the default)
-static.py          `StaticCacheBackend`: a plain decode loop, the same keyed samples, faster
+loop.py            `DecodeLoopBackend`: a plain decode loop, the same keyed samples, faster
 sampling.py        `sample` (prompts → sequences and masks), `policy_prompts`, `decode_responses`
 """

@@ -3,8 +3,9 @@
 A backend takes left-padded prompt ids and keys and gives back response ids and stop flags; the
 layout around it (encoding, padding, masks after the first stop, decoding) is `sampling.sample`'s
 and the log-probs come from the trainer's own pass, so a backend changes time, never numbers.
-Backends: `hf.HFGenerateBackend` (transformers' `generate`, the default), `static.StaticCacheBackend`
-(a plain decode loop over a preallocated cache); a vLLM backend for GPUs would be a third.
+Backends: `hf.HFGenerateBackend` (transformers' `generate`, the default), `loop.DecodeLoopBackend`
+(a plain decode loop: noise only where a token can win, finished rows dropped); a vLLM backend for
+GPUs would be a third. Chosen by `policy.generation.backend` (a `_target_` node).
 """
 
 from __future__ import annotations

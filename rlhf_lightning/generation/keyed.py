@@ -55,10 +55,16 @@ def keyed_uniform(seeds: Tensor, step: int, vocab: int) -> Tensor:
     and v only, never on the batch around row b — the guarantee keyed sampling rests on. 23 bits
     per uniform, (k + ½)·2⁻²³, so −log(−log u) is always finite.
     """
-    lo, hi = (seeds & MASK32)[:, None], ((seeds >> 32) & MASK32)[:, None]  # [B, 1]
-    row = _mix32(hi ^ _mix32(lo ^ _mix32(torch.full_like(lo, step & MASK32))))
     token = torch.arange(vocab, device=seeds.device, dtype=torch.int64)[None]  # [1, V]
-    h = _mix32(_mix32(token ^ row) ^ lo)  # [B, V]
+    return keyed_uniform_at(seeds[:, None], step, token)
+
+
+def keyed_uniform_at(seeds: Tensor, step: int, tokens: Tensor) -> Tensor:
+    """`keyed_uniform` at chosen (seed, token) pairs: seeds and tokens int64, broadcast together
+    ([N] and [N]: the N values u[seed_i, token_i]; [B, 1] and [1, V]: the whole table)."""
+    lo, hi = seeds & MASK32, (seeds >> 32) & MASK32
+    row = _mix32(hi ^ _mix32(lo ^ _mix32(torch.full_like(lo, step & MASK32))))
+    h = _mix32(_mix32(tokens ^ row) ^ lo)
     return ((h >> 9).float() + 0.5) * 2.0**-23
 
 
