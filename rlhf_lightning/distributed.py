@@ -64,14 +64,25 @@ def local_gradients(module, local: bool = True) -> Iterator[None]:
     (`DDPStrategy.pre_backward`), so each backward would all-reduce the whole gradient; its
     `block_backward_sync` (DDP's `no_sync`) keeps the reducer disarmed. Every rank must then run
     the same number of backward passes with the sync on the same one (`microbatch.accumulate`).
-    No-op with `local=False`, on one process, and under strategies that do not wrap the model in
-    DDP (FSDP reduce-scatters in every backward; DeepSpeed accumulates in its engine).
+    FSDP2 (`trainer=fsdp`): `set_requires_gradient_sync(False)` on every unit (its `no_sync`;
+    Lightning's block_backward_sync does nothing there), so the backward outside the block
+    reduce-scatters everything accumulated, once. No-op with `local=False`, on one process, and
+    under FSDP1 (reduce-scatters in every backward) and DeepSpeed (accumulates in its engine).
     """
     from lightning.pytorch.strategies import ParallelStrategy
+
+    from rlhf_lightning.fsdp2 import is_fsdp2, set_gradient_sync
 
     strategy = module.trainer.strategy
     if not local or not isinstance(strategy, ParallelStrategy):
         yield
+        return
+    if is_fsdp2(module.trainer):
+        set_gradient_sync(module, False)
+        try:
+            yield
+        finally:
+            set_gradient_sync(module, True)
         return
     with strategy.block_backward_sync():
         yield

@@ -103,6 +103,7 @@ def accumulate(
     count_of: Callable[[object], Tensor | float],
     what: str = "loss",
     fix: str = "lower the learning rate",
+    spare=None,
 ) -> dict[str, Tensor]:
     """Backward of the global-mean loss over `parts` (micro-batches of this rank); no step.
 
@@ -110,6 +111,10 @@ def accumulate(
     means over the part}; count_of(part) -> its units. Returns each diagnostic as this rank's
     share of the global mean (the logger's mean over ranks, sync_dist, is the global mean).
     A non-finite micro-batch loss raises NumericalError before its backward (no step is taken).
+    A rank with fewer micro-batches than another joins the others' passes with zero gradients:
+    `zero_loss` (a sum of the parameters × 0) under DDP; under FSDP2, whose collectives run in the
+    forward and backward hooks of each unit, a real micro-batch's loss × 0 (`parts[0]`, else
+    `spare`, a part of the caller's choosing), so every rank runs the same units in the same order.
     """
     counts = [float(count_of(p)) for p in parts]
     device = module.device
@@ -122,7 +127,7 @@ def accumulate(
         local = local_gradients(module, local=i < passes - 1)
         if i >= len(parts):  # fewer micro-batches here than on another rank
             with local:
-                module.manual_backward(zero_loss(module))
+                module.manual_backward(_filler_loss(module, parts, loss_of, spare))
             continue
         with shape_on_failure(module, parts[i]), local:
             out = loss_of(parts[i])
@@ -143,6 +148,17 @@ def accumulate(
 def zero_loss(module) -> Tensor:
     """A loss whose gradient is zero for every trained parameter (joins DDP's all-reduce)."""
     return sum(p.sum() for p in module.parameters() if p.requires_grad) * 0.0
+
+
+def _filler_loss(module, parts: Sequence, loss_of: Callable, spare) -> Tensor:
+    from rlhf_lightning.fsdp2 import is_fsdp2
+
+    if not is_fsdp2(module.trainer):
+        return zero_loss(module)
+    part = parts[0] if len(parts) else spare
+    if part is None:
+        raise RuntimeError("under FSDP2 a rank without micro-batches needs a spare part")
+    return loss_of(part)["loss"] * 0.0
 
 
 def _max_over_ranks(n: int, device) -> int:

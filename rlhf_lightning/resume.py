@@ -73,14 +73,14 @@ def resolve_checkpoints(
             )
         return _stage_checkpoints(source, stages)
     path = Path(ckpt_path)
-    if path.is_file():
+    if is_checkpoint(path):
         if len(stages) != 1:
             raise ConfigError(
                 f"ckpt_path={ckpt_path} is one checkpoint file but this run has stages {stages} "
                 "— fix: give the run directory or `last` (each stage resumes from its own file)"
             )
         return {stages[0]: str(path)}
-    if path.is_dir() and len(stages) == 1 and (path / LAST).is_file():
+    if path.is_dir() and len(stages) == 1 and is_checkpoint(path / LAST):
         return {stages[0]: str(path / LAST)}  # a stage's checkpoints folder
     if not path.is_dir():
         raise ConfigError(f"ckpt_path={ckpt_path} does not exist — fix: {_RESUME_FIX}")
@@ -108,9 +108,17 @@ def latest_run_dir(run_dir: Path, stages: list[str], siblings: bool = True) -> P
     return newest
 
 
+def is_checkpoint(path: Path) -> bool:
+    """A checkpoint file, or a sharded checkpoint (`trainer=fsdp` with
+    save_distributed_checkpoint=true: a folder of per-rank shards whose `meta.pt`, written last
+    by rank zero, holds everything but the weights and optimiser state)."""
+    path = Path(path)
+    return path.is_file() or (path / "meta.pt").is_file()
+
+
 def _stage_checkpoints(run_dir: Path, stages: list[str]) -> dict[str, str]:
     files = {stage: checkpoint_dir(run_dir, stage) / LAST for stage in stages}
-    return {stage: str(path) for stage, path in files.items() if path.is_file()}
+    return {stage: str(path) for stage, path in files.items() if is_checkpoint(path)}
 
 
 # ---- RNG state ----------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Work on whole weights and global gradients when a strategy shards them (FSDP, DeepSpeed ZeRO).
 
-Under FSDP FULL_SHARD each rank holds only a shard of every weight outside the forward pass
+Two FSDPs: torch's FSDP2 (`fully_shard`, under Lightning's ModelParallelStrategy: `trainer=fsdp`,
+see `rlhf_lightning/fsdp2.py`) and FSDP1 (Lightning's FSDPStrategy, GPU only). Under FSDP1
+FULL_SHARD each rank holds only a shard of every weight outside the forward pass
 (with `use_orig_params=True`, which Lightning sets, a parameter is a 1-D slice of its flat shard).
 Work that rank zero does alone outside a training step (the evaluation callbacks, the end-of-stage
 evaluation, `save_pretrained`) then meets sharded weights: a forward fails ("'weight' must be
@@ -19,10 +21,11 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from rlhf_lightning.errors import ConfigError
+from rlhf_lightning.fsdp2 import check_fsdp2, is_fsdp2, unsharded
 
 ZERO3_UNSUPPORTED = (
     "DeepSpeed ZeRO stage 3 is not supported yet: rank-zero evaluation and saving need the whole "
@@ -31,14 +34,16 @@ ZERO3_UNSUPPORTED = (
 
 
 def is_sharded(trainer) -> bool:
-    """Whether the trainer's strategy shards the weights (FSDP)."""
-    return isinstance(getattr(trainer, "strategy", None), FSDPStrategy)
+    """Whether the trainer's strategy shards the weights (FSDP1 or FSDP2)."""
+    return isinstance(getattr(trainer, "strategy", None), FSDPStrategy) or is_fsdp2(trainer)
 
 
 def check_strategy(strategy) -> None:
     """Refuse, before training, a strategy whose sharded weights we cannot gather (ZeRO stage 3)."""
     if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
         raise ConfigError(ZERO3_UNSUPPORTED)
+    if isinstance(strategy, ModelParallelStrategy):
+        check_fsdp2(strategy)
 
 
 @contextlib.contextmanager
@@ -58,11 +63,17 @@ def gathered_weights(trainer) -> Iterator[None]:
     forward or backward pass; no backward inside it. Inside, the nested FSDP units are taken out of
     the module tree and generate's FSDP detection is off, so forwards and `generate` on rank zero
     alone run without collectives (see `_bypassed_units`). Each rank holds the whole model inside.
+    FSDP2: `fsdp2.unsharded` on the LightningModule (one all-gather per unit at entry; inside,
+    plain whole tensors: forwards, `generate` and `save_pretrained` on rank zero alone).
     DeepSpeed ZeRO stage 3: ConfigError (see `check_strategy`). Anything else (one process, DDP,
     ZeRO 1/2, FSDP NO_SHARD): weights are whole already, the block runs as it is.
     """
     strategy = trainer.strategy
     check_strategy(strategy)
+    if is_fsdp2(trainer):
+        with unsharded(trainer.lightning_module):
+            yield
+        return
     if not isinstance(strategy, FSDPStrategy):
         yield
         return
@@ -136,7 +147,8 @@ def clip_grad_norm(module, optimizer, max_norm: float) -> None:
     would see one shard's norm only.
     DeepSpeed: the engine clips in `optimizer.step()`; this only checks that it clips at
     `max_norm` (see `deepspeed_gradient_clipping`).
-    Otherwise: Lightning's `module.clip_gradients(optimizer, max_norm, "norm")`.
+    FSDP2 and otherwise: Lightning's `module.clip_gradients(optimizer, max_norm, "norm")` (on
+    FSDP2's DTensor gradients torch's `clip_grad_norm_` all-reduces the shards' squared norms).
     """
     trainer = module.trainer
     strategy = trainer.strategy

@@ -1,4 +1,4 @@
-"""A callback that counts DDP's gradient all-reduces per training batch (tests/test_ddp.py).
+"""A callback that counts gradient syncs per training batch (tests/test_ddp.py, tests/test_fsdp.py).
 
 Added on the command line (`+callbacks.grad_sync._target_=grad_sync_probe.GradSyncProbe
 +callbacks.grad_sync.out_dir=<dir>`). At the start of training it registers a DDP communication
@@ -10,6 +10,12 @@ through the strategy (`manual_backward`). Each rank writes, per training batch, 
 taken, backward passes, all-reduces and reduced elements to `<out_dir>/rank<r>.json`, with the
 rank's real tokens and the seconds from the batch's start to its first gradient all-reduce (the
 rank's own work; a faster rank then waits there for the slowest).
+
+Under FSDP2 (`trainer=fsdp`) there is no DDP wrapper: the probe counts torch.distributed's
+`reduce_scatter_single` (FSDP2's gradient sync, one per unit per synchronising backward; counted
+in `all_reduces`, the reduce-scattered elements in `elements`) and `all_gather_single` (its weight
+gathers, `all_gathers`), and, for a module with `rollout`, the all-gathers made inside each rollout
+(`rollout_gathers`) and between the batch's start and the rollout (`gathers_before_rollout`).
 """
 
 import json
@@ -24,15 +30,18 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 class GradSyncProbe(Callback):
     def __init__(self, out_dir: str):
         self.out_dir = Path(out_dir)
-        self.counts = {"backward": 0, "all_reduces": 0, "elements": 0}
+        self.counts = {"backward": 0, "all_reduces": 0, "elements": 0, "all_gathers": 0}
+        self.fsdp_units = 0
         self.batches: list[dict] = []
         self._start: dict = {}
         self._t0, self._ready = 0.0, None
 
     def on_train_start(self, trainer, pl_module) -> None:
         ddp = trainer.model
-        assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel), type(ddp)
-        ddp.register_comm_hook(self, _counting_allreduce)
+        if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            ddp.register_comm_hook(self, _counting_allreduce)
+        else:
+            self._count_fsdp2(pl_module)
         backward = trainer.strategy.backward
 
         def counted(*args, **kwargs):
@@ -43,6 +52,7 @@ class GradSyncProbe(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._start = {"steps": trainer.global_step, **self.counts}
+        self._batch: dict = {}
         self._t0, self._ready = time.perf_counter(), None
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None
         self._tokens = None if mask is None else int(mask.sum())
@@ -51,12 +61,48 @@ class GradSyncProbe(Callback):
         now = {"steps": trainer.global_step, **self.counts}
         row = {k: now[k] - self._start[k] for k in now}
         row["tokens"], row["ready_s"] = self._tokens, self._ready
+        row.update(self._batch)
         self.batches.append(row)
+
+    def _count_fsdp2(self, pl_module) -> None:
+        import torch.distributed as dist
+        from torch.distributed.fsdp import FSDPModule
+
+        self.fsdp_units = sum(isinstance(m, FSDPModule) for m in pl_module.modules())
+        assert self.fsdp_units >= 2, "trainer=fsdp should shard the trained network"
+        reduce_scatter, all_gather = dist.reduce_scatter_single, dist.all_gather_single
+
+        def counted_reduce_scatter(*args, **kwargs):
+            if self._ready is None:
+                self._ready = time.perf_counter() - self._t0
+            self.counts["all_reduces"] += 1
+            self.counts["elements"] += kwargs["output"].numel()
+            return reduce_scatter(*args, **kwargs)
+
+        def counted_all_gather(*args, **kwargs):
+            self.counts["all_gathers"] += 1
+            return all_gather(*args, **kwargs)
+
+        dist.reduce_scatter_single = counted_reduce_scatter
+        dist.all_gather_single = counted_all_gather
+        rollout = getattr(pl_module, "rollout", None)
+        if rollout is None:
+            return
+
+        def counted_rollout(*args, **kwargs):
+            before = self.counts["all_gathers"]
+            self._batch["gathers_before_rollout"] = before - self._start["all_gathers"]
+            out = rollout(*args, **kwargs)
+            self._batch["rollout_gathers"] = self.counts["all_gathers"] - before
+            self._batch["response_tokens"] = int(out.response_mask.sum())
+            return out
+
+        pl_module.rollout = counted_rollout
 
     def on_train_end(self, trainer, pl_module) -> None:
         trained = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        out = {"trained_elements": trained, "batches": self.batches}
+        out = {"trained_elements": trained, "batches": self.batches, "units": self.fsdp_units}
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
 
 

@@ -1,5 +1,7 @@
 """GPU trainer configs (`trainer=fsdp`, `trainer=deepspeed`) on a machine without a GPU.
 
+`trainer=fsdp` (FSDP2) also runs on CPU processes: tests/test_fsdp.py trains with it.
+
 What can be checked here: they compose with every stage and with cluster overrides, every key is
 an argument the class behind it accepts (so a misspelt key fails here, not after a queue wait on
 the cluster), and the strategies construct as far as Lightning allows without a GPU. What needs
@@ -19,23 +21,25 @@ from helpers import CONF_DIR, compose
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.plugins.precision import FSDPPrecision
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
-from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
 from rlhf_lightning.config import validate
+from rlhf_lightning.fsdp2 import FSDP2Strategy
 from rlhf_lightning.models.factory import ModelSpec
 
-STRATEGIES = {"fsdp": FSDPStrategy, "deepspeed": DeepSpeedStrategy}
+STRATEGIES = {"fsdp": FSDP2Strategy, "deepspeed": DeepSpeedStrategy}
 # FSDPStrategy hands keyword arguments it does not name on to torch's FSDP wrapper, except those it
 # passes itself; so a key there is valid only if FullyShardedDataParallel takes it.
-FORWARDED = {FSDPStrategy: (FullyShardedDataParallel, {"module", "device_id"})}
+FORWARDED = {
+    FSDPStrategy: (FullyShardedDataParallel, {"module", "device_id"}),
+    FSDP2Strategy: (ModelParallelStrategy, {"data_parallel_size", "tensor_parallel_size"}),
+}
 # What `RunContext.trainer` adds to the trainer node when it instantiates it.
 RUN_KWARGS = {"callbacks": [], "logger": False, "plugins": [], "max_epochs": 1, "max_steps": 3}
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -100,7 +104,8 @@ def test_gpu_trainer_composes_with_each_stage(option, stage, tmp_path):
     validate(cfg)
     trainer = cfg.trainer
     assert (trainer.accelerator, trainer.devices, trainer.num_nodes) == ("gpu", -1, 1)
-    assert trainer.precision == "bf16-mixed"
+    # FSDP2 runs on CPU processes too, where bf16 autocast would change the numbers
+    assert trainer.precision == {"fsdp": "32-true", "deepspeed": "bf16-mixed"}[option]
     assert get_class(trainer.strategy._target_) is STRATEGIES[option]
     # everything else is inherited from trainer/default.yaml, unchanged
     default = OmegaConf.load(CONF_DIR / "trainer" / "default.yaml")
@@ -115,10 +120,9 @@ def test_gpu_trainer_composes_with_each_stage(option, stage, tmp_path):
 CLUSTER_OVERRIDES = [  # (option, strategy overrides, what they set)
     (
         "fsdp",
-        ["trainer.strategy.sharding_strategy=HYBRID_SHARD"],
-        {"sharding_strategy": "HYBRID_SHARD"},
+        ["trainer.strategy.save_distributed_checkpoint=true"],
+        {"save_distributed_checkpoint": True},
     ),
-    ("fsdp", ["trainer.strategy.state_dict_type=sharded"], {"state_dict_type": "sharded"}),
     (
         "deepspeed",
         ["trainer.strategy.stage=3", "trainer.strategy.offload_optimizer=true"],
@@ -135,18 +139,15 @@ def test_cluster_overrides_compose(option, strategy_overrides, expected, tmp_pat
     for key, value in expected.items():
         assert cfg.trainer.strategy[key] == value
     check_trainer_node(cfg.trainer)
-    if option == "fsdp":  # HYBRID_SHARD needs a wrap policy; ours is set, so it constructs
-        strategy = instantiate(cfg.trainer.strategy)
-        assert (
-            strategy.sharding_strategy == ShardingStrategy[cfg.trainer.strategy.sharding_strategy]
-        )
+    if option == "fsdp":
+        assert instantiate(cfg.trainer.strategy)._save_distributed_checkpoint is True
 
 
 @pytest.mark.parametrize(
     ("option", "typo"),
     [
         ("fsdp", "+trainer.strategy.sharding_stratgy=FULL_SHARD"),  # forwarded to torch's FSDP
-        ("fsdp", "+trainer.strategy.device_id=0"),  # set by FSDPStrategy itself
+        ("fsdp", "+trainer.strategy.tensor_parallel_size=2"),  # set by FSDP2Strategy itself
         ("deepspeed", "+trainer.strategy.offload_optimiser=true"),
         ("deepspeed", "+trainer.num_node=2"),  # a Trainer key
     ],
@@ -169,53 +170,24 @@ def test_every_key_is_commented(option):
         assert "#" in line or above.lstrip().startswith("#"), f"{option}.yaml: no comment: {line}"
 
 
-# ---- FSDP: constructs on CPU (a Trainer with it needs a GPU) -------------------------------------
+# ---- FSDP2 (trainer=fsdp) --------------------------------------------------------------------------
 
 
 def test_fsdp_strategy_instantiates_with_the_configured_settings(tmp_path):
     strategy = instantiate(compose(["trainer=fsdp"], tmp_path).trainer.strategy)
-    assert isinstance(strategy, FSDPStrategy)
-    assert strategy.sharding_strategy == ShardingStrategy.FULL_SHARD
-    assert strategy._state_dict_type == "full"  # one last.ckpt, written through our CheckpointIO
-    assert strategy.cpu_offload.offload_params is False
-    assert strategy.kwargs["use_orig_params"] is True  # Lightning's default, kept
-    assert strategy._activation_checkpointing_kwargs == {}  # off unless asked for
-    policy = strategy.kwargs["auto_wrap_policy"]
-    assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {LlamaDecoderLayer}
+    assert isinstance(strategy, FSDP2Strategy)  # FSDP2: Lightning's ModelParallelStrategy
+    assert strategy._tensor_parallel_size == 1  # data parallel over every process
+    assert strategy._save_distributed_checkpoint is False  # one last.ckpt gathered on rank 0
 
 
 def test_fsdp_wraps_each_decoder_layer_of_the_tiny_models(tmp_path):
+    """`fsdp2.shard_trained` makes a unit of each module the model's `_no_split_modules` names."""
     cfg = compose(["trainer=fsdp"], tmp_path)
-    policy = instantiate(cfg.trainer.strategy).kwargs["auto_wrap_policy"]
     spec: ModelSpec = instantiate(cfg.model)
     for model in (spec.causal_lm(_Vocab()), spec.reward_model(_Vocab())):
-        wrapped = [m for m in model.modules() if policy(m, recurse=False)]
+        wrapped = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]
         assert wrapped == list(model.model.layers)
-        assert len(wrapped) == cfg.model.config.num_hidden_layers
-
-
-def test_fsdp_overrides_named_in_the_yaml_comments_work(tmp_path):
-    cfg = compose(
-        [
-            "trainer=fsdp",
-            "trainer.strategy.activation_checkpointing_policy=${.auto_wrap_policy}",
-            "trainer.strategy.auto_wrap_policy.module_classes.0.path="
-            "transformers.models.qwen2.modeling_qwen2.Qwen2DecoderLayer",
-        ],
-        tmp_path,
-    )
-    strategy = instantiate(cfg.trainer.strategy)
-    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Qwen2DecoderLayer}
-    checkpointing = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]
-    assert isinstance(checkpointing, ModuleWrapPolicy)
-    assert checkpointing._module_classes == {Qwen2DecoderLayer}
-
-
-def test_fsdp_trainer_is_refused_without_a_gpu_accelerator(tmp_path):
-    """Why only composition is tested here: Lightning will not build an FSDP Trainer on CPU."""
-    cfg = compose(["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1"], tmp_path)
-    error = instantiation_error(cfg.trainer, **RUN_KWARGS)
-    assert isinstance(error, ValueError) and "requires a GPU accelerator" in str(error)
+        assert all(isinstance(m, LlamaDecoderLayer) for m in wrapped)
 
 
 def test_fsdp_precision_refuses_clipping_by_norm():
@@ -234,7 +206,7 @@ def test_run_context_builds_the_fsdp_trainer_on_a_gpu(tmp_path):
 
     cfg = compose(["stage=rm", "trainer=fsdp", "trainer.devices=1", "logger=csv"], tmp_path)
     trainer = RunContext(cfg).trainer("rm", max_epochs=1)
-    assert isinstance(trainer.strategy, FSDPStrategy)
+    assert isinstance(trainer.strategy, FSDP2Strategy)
     assert isinstance(trainer.strategy.checkpoint_io, SafeCheckpointIO)
 
 

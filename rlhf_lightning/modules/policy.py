@@ -34,7 +34,8 @@ from rlhf_lightning.models.logprobs import forward_logprobs
 from rlhf_lightning.modules.algorithm import Algorithm
 from rlhf_lightning.modules.rollout import Rollout, minibatch_rows
 from rlhf_lightning.rewards.base import score
-from rlhf_lightning.sharding import clip_grad_norm
+from rlhf_lightning.fsdp2 import shard_trained
+from rlhf_lightning.sharding import clip_grad_norm, gathered_weights
 
 
 class PolicyModule(L.LightningModule):
@@ -97,6 +98,10 @@ class PolicyModule(L.LightningModule):
     def reward(self) -> Callable:
         return self._frozen["reward"]
 
+    def configure_model(self) -> None:
+        # trainer=fsdp: FSDP2 units over the policy and the value head (no-op elsewhere)
+        shard_trained(self)
+
     def on_fit_start(self) -> None:
         # Dropout stays off in RL (as in TRL): log p at sampling time must equal log p at update
         # time, or the PPO ratio and the KL are biased by dropout noise. (Lightning warns about
@@ -115,7 +120,8 @@ class PolicyModule(L.LightningModule):
         if self.algorithm.name == "exact":
             stats = self._exact_step()
         else:
-            rollout = self.rollout(prompts, keys, old_logprobs=not self.fuses_old_logprobs)
+            with gathered_weights(self.trainer):  # FSDP: gathered once per rollout, not per token
+                rollout = self.rollout(prompts, keys, old_logprobs=not self.fuses_old_logprobs)
             stats = self._update(rollout)
         self._check_finite(stats)
         stats["train/beta"] = torch.tensor(self.beta.value)
@@ -306,11 +312,14 @@ class PolicyModule(L.LightningModule):
             )
             for idx in rows:  # a rank with no row of a minibatch joins with zero gradients
                 parts = self._micro_batches(rollout, advantages, returns, idx)
+                group = torch.arange(rollout.group_size, device=mask.device)  # always this rank's
+                spare = parts[:1] or self._micro_batches(rollout, advantages, returns, group)
                 out = self._optimise(
                     optimizer,
                     parts,
                     lambda part: self.minibatch_loss(*part),
                     lambda part: part[0].response_mask.sum(),
+                    spare=spare[0] if spare else None,
                 )
                 for name in self._diagnostics:
                     history.setdefault(f"ppo/{name}", []).append(out.get(name, mask.new_zeros(())))
@@ -346,11 +355,14 @@ class PolicyModule(L.LightningModule):
             return None
         return mb.group_size, mb.prompt_width
 
-    def _optimise(self, optimizer, parts, loss_of, count_of) -> dict[str, torch.Tensor]:
-        """One optimiser step on the global-mean loss over micro-batches `parts`."""
+    def _optimise(self, optimizer, parts, loss_of, count_of, spare=None) -> dict:
+        """One optimiser step on the global-mean loss over micro-batches `parts` (`spare`: what a
+        rank without rows runs × 0 under FSDP2, see `microbatch.accumulate`)."""
         optimizer.zero_grad()
         stats = accumulate(
-            self, parts, loss_of, count_of, fix="lower the learning rate, or raise beta"
+            *(self, parts, loss_of, count_of),
+            fix="lower the learning rate, or raise beta",
+            spare=spare,
         )
         if self.max_grad_norm:  # by the global norm, also when FSDP shards the gradients
             clip_grad_norm(self, optimizer, self.max_grad_norm)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import lightning as L
 import torch
 
+from rlhf_lightning.fsdp2 import shard_trained
 from rlhf_lightning.microbatch import accumulate, plan, shape_on_failure
 from rlhf_lightning.modules.optim import (
     DECAY_EXCLUSIONS,
@@ -73,6 +74,10 @@ class MicroBatchedModule(L.LightningModule):
 
     def trained_parameters(self):
         raise NotImplementedError
+
+    def configure_model(self) -> None:
+        # trainer=fsdp: FSDP2 units over the trained network (a no-op under other strategies)
+        shard_trained(self)
 
     # --- the shared step --------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> None:
