@@ -87,7 +87,7 @@ def test_noise_is_computed_only_where_a_token_can_win(monkeypatch):
     )
     for step, temperature in [(0, 1.0), (7, 0.7), (11, 2.0)]:
         full = gumbel_perturbed(scores, seeds, step, temperature).argmax(-1)
-        assert torch.equal(loop._choose(scores, seeds, step, temperature), full)
+        assert torch.equal(loop.choose_tokens(scores, seeds, step, temperature), full)
     assert drawn[1] < scores.numel() / 4  # the fast path: at T = 0.7, noise for few tokens
     assert drawn[2] == scores.numel()  # (at T = 2 every token of these rows can still win)
 

@@ -68,7 +68,7 @@ class DecodeLoopBackend:
             length = 0
             for t in range(settings.max_new_tokens):
                 scores = _processed(logits, settings, stops, t)
-                token = _choose(scores, key, t, settings.temperature)  # [b]
+                token = choose_tokens(scores, key, t, settings.temperature)  # [b]
                 out[live, t] = token
                 length = t + 1
                 running = ~torch.isin(token, stops)
@@ -128,7 +128,7 @@ def _processed(logits: Tensor, settings: GenerationSettings, stops: Tensor, t: i
     return scores
 
 
-def _choose(scores: Tensor, seeds: Tensor | None, step: int, temperature: float) -> Tensor:
+def choose_tokens(scores: Tensor, seeds: Tensor | None, step: int, temperature: float) -> Tensor:
     """Each row's token [b]: the keyed Gumbel-max draw (`keyed.gumbel_perturbed`'s argmax, noise
     only where it can win), or a multinomial draw from softmax(s/T) without seeds."""
     scaled = scores / temperature  # [b, V] (scores are float32)
