@@ -36,20 +36,22 @@ from rlhf_lightning.losses.dpo import DPO_LOSSES, dpo_loss, implicit_accuracy
 from rlhf_lightning.microbatch import chunked
 from rlhf_lightning.models.factory import train_without_dropout
 from rlhf_lightning.models.logprobs import response_logprobs
+from rlhf_lightning.modules.pairs import PAIR_ROWS, PairUnits
 from rlhf_lightning.modules.supervised import MicroBatchedModule, trimmed
 
-KEYS = ("input_ids", "attention_mask", "response_mask")
 VAL_KEYS = ("loss", "implicit_accuracy", "implicit_margin", "logratio_chosen", "logratio_rejected")
 
 
-class DPOModule(MicroBatchedModule):
+class DPOModule(PairUnits, MicroBatchedModule):
     """policy: HF causal LM (trained); reference: the frozen SFT model (or the LoRA policy with its
     adapter off). beta: β > 0. loss_type: sigmoid | ipo | robust. label_smoothing: ε (sigmoid:
     cDPO, robust: the assumed flip rate). margin: γ (sigmoid). precompute_ref_logprobs: score the
     reference once per pair. disable_dropout: train in eval mode, as TRL (so ρ = 0 at step 0).
-    forward_batch_size: pairs per no-grad reference pass. Micro-batching: `MicroBatchedModule`."""
+    forward_batch_size: pairs per no-grad reference pass. Micro-batching: `MicroBatchedModule`, a
+    unit a pair (`PairUnits`, carrying its `index`)."""
 
     stage_name = "dpo"
+    pair_columns = ("index",)
     loss_name = "DPO"
     numerical_fix = "lower dpo.module.optimizer.lr"
 
@@ -163,32 +165,13 @@ class DPOModule(MicroBatchedModule):
         if self.hparams.disable_dropout:
             train_without_dropout(self.policy)
 
-    # --- MicroBatchedModule: a unit is a pair (chosen row i, rejected row B + i) -------------
-    def units(self, batch: dict) -> int:
-        return batch["input_ids"].shape[0] // 2
-
-    def unit_lengths(self, batch: dict) -> list[int]:
-        """Padded tokens of a pair: both its sequences at the longer one's length, so a token
-        budget counts every position a micro-batch's forward computes."""
-        chosen, rejected = batch["attention_mask"].sum(-1).chunk(2)
-        return (2 * torch.maximum(chosen, rejected)).tolist()
-
-    def select(self, batch: dict, idx: torch.Tensor) -> dict:
-        rows = torch.cat([idx, idx + self.units(batch)])  # chosen rows, then their rejected rows
-        part = trimmed(batch, rows, KEYS)
-        if "index" in batch:
-            part["index"] = batch["index"][idx]
-        return part
-
+    # --- MicroBatchedModule (units, select: `PairUnits`) ---------------------------------------
     def micro_loss(self, part: dict) -> dict[str, torch.Tensor]:
         out = self(part)
         for key in ("logratio_chosen", "logratio_rejected"):
             out[key] = out[key].detach().mean()
         out.pop("per_pair")
         return out
-
-    def loss_count(self, part: dict) -> int:
-        return self.units(part)
 
     def trained_parameters(self):
         return [p for p in self.policy.parameters() if p.requires_grad]  # LoRA: the adapter
@@ -267,7 +250,7 @@ class DPOModule(MicroBatchedModule):
 
     def _chunked_reference(self, batch: dict, mask: torch.Tensor, rows: torch.Tensor):
         def score(chunk: torch.Tensor) -> torch.Tensor:
-            sub = {**trimmed(batch, rows[chunk], KEYS[:2]), "response_mask": mask[rows[chunk]]}
+            sub = {**trimmed(batch, rows[chunk], PAIR_ROWS[:2]), "response_mask": mask[rows[chunk]]}
             sub["response_mask"] = sub["response_mask"][:, : sub["input_ids"].shape[1]]
             return self._sequence_logprobs(self.reference, sub, sub["response_mask"])
 

@@ -21,10 +21,11 @@ from torchmetrics.classification import BinaryAccuracy
 from rlhf_lightning.losses.bradley_terry import bradley_terry_loss
 from rlhf_lightning.models.reward_scores import reward_scores
 from rlhf_lightning.modules.optim import DECAY_EXCLUSIONS
-from rlhf_lightning.modules.supervised import MicroBatchedModule, trimmed
+from rlhf_lightning.modules.pairs import PairUnits
+from rlhf_lightning.modules.supervised import MicroBatchedModule
 
 
-class RewardModelModule(MicroBatchedModule):
+class RewardModelModule(PairUnits, MicroBatchedModule):
     """Bradley–Terry training of a scalar-head sequence classifier.
 
     reward_model: an HF `...ForSequenceClassification` with `num_labels=1` (passed in, not saved
@@ -33,12 +34,13 @@ class RewardModelModule(MicroBatchedModule):
     use_margin: subtract the pair's `margin` column inside the sigmoid. centering: coefficient c.
     bayes_accuracy: the task's ceiling on validation pairs, logged beside the accuracy when known.
     micro_batch_size (pairs) / max_tokens_per_micro_batch / max_grad_norm / no_decay:
-        `MicroBatchedModule`.
+        `MicroBatchedModule`; a unit is a pair (`PairUnits`, carrying its `margin`).
     shared_prefix: run a pair's prompt once for both sides (`reward_scores` with groups); the
         same scores and gradients, less work on long prompts.
     """
 
     stage_name = "rm"
+    pair_columns = ("margin",)
     loss_name = "Bradley–Terry"
     numerical_fix = "lower rm.module.optimizer.lr, check the data's margins"
 
@@ -124,21 +126,7 @@ class RewardModelModule(MicroBatchedModule):
     def on_fit_start(self) -> None:
         self.reward_model.train()  # `from_pretrained` gives eval mode; dropout belongs to training
 
-    # --- MicroBatchedModule: a unit is a pair (chosen row i, rejected row B + i) -------------
-    def units(self, batch: dict) -> int:
-        return batch["margin"].shape[0]
-
-    def unit_lengths(self, batch: dict) -> list[int]:
-        """Padded tokens of a pair: both its sequences at the longer one's length, so a token
-        budget counts every position a micro-batch's forward computes."""
-        chosen, rejected = batch["attention_mask"].sum(-1).chunk(2)
-        return (2 * torch.maximum(chosen, rejected)).tolist()
-
-    def select(self, batch: dict, idx: torch.Tensor) -> dict:
-        rows = torch.cat([idx, idx + self.units(batch)])  # chosen rows, then their rejected rows
-        keys = tuple(k for k in ("input_ids", "attention_mask", "response_mask") if k in batch)
-        return {**trimmed(batch, rows, keys), "margin": batch["margin"][idx]}
-
+    # --- MicroBatchedModule (units, select: `PairUnits`) ---------------------------------------
     def micro_loss(self, part: dict) -> dict[str, torch.Tensor]:
         chosen, rejected = self._score_pairs(part)
         return {
@@ -147,9 +135,6 @@ class RewardModelModule(MicroBatchedModule):
             "chosen": chosen.detach(),
             "rejected": rejected.detach(),
         }
-
-    def loss_count(self, part: dict) -> int:
-        return part["margin"].shape[0]
 
     def trained_parameters(self):  # rm.trainable_layers / rm.lora: the rest is frozen
         return [p for p in self.reward_model.parameters() if p.requires_grad]
