@@ -35,6 +35,21 @@ def exact_rewards(task, scale: str = "gold") -> Tensor | None:
     return None if scale == "gold" else task.raw_rewards() / task.temperature
 
 
+def oracle_setup(task, tokenizer, reference, generation, scale: str | None = None):
+    """On an enumerable task (one with `allowed_token_ids`): restrict `generation` (in place) to
+    the task's response space — its allowed ids, exactly `task.length` new tokens — and return
+    its `OracleEvaluator` against `reference`, about `exact_rewards(task, scale)` (None: the
+    task's gold table). On any other task (or none): None, `generation` untouched.
+
+    The one set-up of the policy stage, the DPO stage and `eval.py mode=policy`."""
+    if task is None or not hasattr(task, "allowed_token_ids"):
+        return None
+    generation.allowed_token_ids = task.allowed_token_ids(tokenizer)
+    generation.min_new_tokens = generation.max_new_tokens = task.length
+    rewards = None if scale is None else exact_rewards(task, scale)
+    return OracleEvaluator(task, tokenizer, reference, generation.temperature, rewards)
+
+
 class OracleEvaluator:
     def __init__(self, task, tokenizer, reference, temperature: float = 1.0, rewards=None):
         self.task, self.tokenizer, self.temperature = task, tokenizer, temperature

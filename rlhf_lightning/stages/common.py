@@ -1,4 +1,5 @@
-"""What every stage does after `fit`: its validation metrics, then rank zero's work (saving)."""
+"""What the stages share: building a module from its config node, the policy and frozen
+reference, the validation metrics after `fit`, and rank zero's work (saving the artifact)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,34 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from rlhf_lightning.artifacts import content_hash, require_artifact
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from rlhf_lightning.artifacts import content_hash, require_artifact, save_model_artifact
 from rlhf_lightning.errors import ConfigError
+from rlhf_lightning.models.lora import export_for_saving
 from rlhf_lightning.sharding import gathered_weights, is_sharded
 
 REFERENCES = ("sft", "checkpoint")
+
+
+def build_module(node: DictConfig, **objects):
+    """The stage's LightningModule from its `module:` node (`_target_` and settings) and the
+    objects the stage built (networks, reward, tokenizer, sampling settings, ...).
+
+    `instantiate(node, _partial_=True)(**objects)`: the objects reach the module as they are
+    (`instantiate(node, **objects)` would merge them into the config first, which turns a
+    dataclass such as `GenerationSettings` or `Algorithm` into a DictConfig)."""
+    return instantiate(node, _partial_=True)(**objects)
+
+
+def save_stage_artifact(ctx, stage: str, model, manifest: dict, result: dict) -> None:
+    """Save `model` (a plain HF model: a LoRA adapter merged into a copy) with the run's tokenizer
+    and `manifest` to `artifacts/<task>/<stage>` (atomically); record its content hash and path
+    in `result` (`sha256`, `artifact`). Rank zero only (inside `rank_zero_work`)."""
+    path = ctx.artifact(stage, write=True)
+    result["sha256"] = save_model_artifact(export_for_saving(model), ctx.tokenizer, path, manifest)
+    result["artifact"] = str(path)
 
 
 def policy_and_reference(ctx, stage: str, reference: str):

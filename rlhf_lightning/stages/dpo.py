@@ -15,18 +15,22 @@ labels are Bradley–Terry under the raw gold g at temperature τ, so g/τ is th
 from __future__ import annotations
 
 import torch
-from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import OmegaConf
 
-from rlhf_lightning.artifacts import save_model_artifact
+from rlhf_lightning.analysis.oracle import oracle_setup
 from rlhf_lightning.data.preference import PreferenceDataModule
 from rlhf_lightning.generation.settings import GenerationSettings
-from rlhf_lightning.models.lora import export_for_saving
 from rlhf_lightning.modules.dpo import DPOModule
 from rlhf_lightning.modules.evaluation import evaluate_policy
 from rlhf_lightning.rewards.base import RewardFunction
-from rlhf_lightning.stages.common import policy_and_reference, rank_zero_work, validation_metrics
+from rlhf_lightning.stages.common import (
+    build_module,
+    policy_and_reference,
+    rank_zero_work,
+    save_stage_artifact,
+    validation_metrics,
+)
 
 
 class NoReward(RewardFunction):
@@ -55,15 +59,9 @@ def build_dpo_module(ctx) -> DPOModule:
     tokenizer = ctx.tokenizer
     policy, reference, identity = policy_and_reference(ctx, "dpo", cfg.reference)
     generation = GenerationSettings(**OmegaConf.to_container(cfg.generation, resolve=True))
-    task, exact = ctx.data.task, None
-    if task is not None and hasattr(task, "allowed_token_ids"):  # enumerable task
-        generation.allowed_token_ids = task.allowed_token_ids(tokenizer)
-        generation.min_new_tokens = generation.max_new_tokens = task.length
-        from rlhf_lightning.analysis.oracle import OracleEvaluator, exact_rewards
-
-        dpo_scale = exact_rewards(task, "preference")  # g/τ: what the labels identify
-        exact = OracleEvaluator(task, tokenizer, reference, generation.temperature, dpo_scale)
-    module = instantiate(
+    # enumerable task: exact terms about g/τ, the reward the labels identify
+    exact = oracle_setup(ctx.data.task, tokenizer, reference, generation, "preference")
+    module = build_module(
         cfg.module,
         policy=policy,
         reference=reference,
@@ -101,14 +99,7 @@ def run_dpo(ctx) -> dict:
         if mine:
             result.update(_final_evaluation(ctx, module, datamodule))
             manifest = {"stage": "dpo", "metrics": {**metrics, **_floats(result)}}
-            manifest.update(module.identity)
-            result["sha256"] = save_model_artifact(  # a plain HF model (a LoRA adapter merged in)
-                export_for_saving(module.policy),
-                module.tokenizer,
-                ctx.artifact("dpo", write=True),
-                manifest,
-            )
-            result["artifact"] = str(ctx.artifact("dpo", write=True))
+            save_stage_artifact(ctx, "dpo", module.policy, {**manifest, **module.identity}, result)
     return result
 
 

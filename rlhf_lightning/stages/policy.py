@@ -12,55 +12,45 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from rlhf_lightning.artifacts import save_model_artifact
+from rlhf_lightning.analysis.oracle import oracle_setup
 from rlhf_lightning.data.prompts import PromptDataModule
 from rlhf_lightning.generation.settings import GenerationSettings
-from rlhf_lightning.models.lora import export_for_saving
 from rlhf_lightning.modules.algorithm import Algorithm
 from rlhf_lightning.modules.evaluation import evaluate_policy
 from rlhf_lightning.modules.policy import PolicyModule
 from rlhf_lightning.sharding import deepspeed_gradient_clipping
-from rlhf_lightning.stages.common import policy_and_reference, rank_zero_work
+from rlhf_lightning.stages.common import (
+    build_module,
+    policy_and_reference,
+    rank_zero_work,
+    save_stage_artifact,
+)
 
 
 def build_policy_module(ctx) -> PolicyModule:
-    """Everything the policy stage trains with, from the config and the earlier artifacts."""
+    """`policy.module` (PolicyModule and its settings) with what the stage builds: the policy and
+    frozen reference, the reward, the sampling settings, the exact evaluator on an enumerable
+    task, the algorithm (`algo`) and the β controller (`kl_controller`)."""
     cfg = ctx.cfg
     tokenizer = ctx.tokenizer
     # with model.lora the reference is the policy with its adapter disabled: one copy of the weights
     policy, reference, identity = policy_and_reference(ctx, "policy", cfg.policy.reference)
     reward = instantiate(cfg.reward).setup(ctx)
-    task = ctx.data.task
     generation = GenerationSettings(**OmegaConf.to_container(cfg.policy.generation, resolve=True))
-    exact = None
-    if task is not None and hasattr(task, "allowed_token_ids"):  # enumerable task
-        generation.allowed_token_ids = task.allowed_token_ids(tokenizer)
-        generation.min_new_tokens = generation.max_new_tokens = task.length
-        from rlhf_lightning.analysis.oracle import OracleEvaluator, exact_rewards
-
-        rewards = exact_rewards(task, cfg.policy.get("exact_reward", "gold"))
-        exact = OracleEvaluator(task, tokenizer, reference, generation.temperature, rewards)
+    scale = cfg.policy.get("exact_reward", "gold")
+    exact = oracle_setup(ctx.data.task, tokenizer, reference, generation, scale)
     algo_cfg = OmegaConf.to_container(cfg.algo)
     algo_cfg.pop("beta", None)
-    module = PolicyModule(
+    module = build_module(
+        cfg.policy.module,
         policy=policy,
         reference=reference,
         reward=reward,
         tokenizer=tokenizer,
+        generation=generation,
+        exact=exact,
         algorithm=Algorithm(**algo_cfg),
         beta_controller=instantiate(cfg.kl_controller),
-        optimizer=instantiate(cfg.policy.optimizer),
-        generation=generation,
-        kl_estimator=cfg.kl.estimator,
-        kl_penalty=cfg.kl.penalty,
-        missing_eos_penalty=cfg.policy.missing_eos_penalty,
-        max_grad_norm=cfg.policy.max_grad_norm,
-        exact=exact,
-        seed=cfg.seed,
-        micro_batch_size=cfg.policy.micro_batch_size,
-        forward_batch_size=cfg.policy.forward_batch_size,
-        max_tokens_per_micro_batch=cfg.policy.max_tokens_per_micro_batch,
-        shared_prefix=cfg.policy.shared_prefix,
     )
     module.identity = {**identity, "reward_sha256": getattr(reward, "sha256", None)}
     return module
@@ -89,11 +79,5 @@ def run_policy(ctx) -> dict:
                 result.update(module.exact.summary(module.policy, module.beta.value))
                 result["frontier"] = module.exact.frontier()
             manifest = {"stage": "policy", "metrics": final, **module.identity}
-            result["sha256"] = save_model_artifact(  # a plain HF model (a LoRA adapter merged in)
-                export_for_saving(module.policy),
-                module.tokenizer,
-                ctx.artifact("policy", write=True),
-                manifest,
-            )
-            result["artifact"] = str(ctx.artifact("policy", write=True))
+            save_stage_artifact(ctx, "policy", module.policy, manifest, result)
     return result

@@ -6,11 +6,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from rlhf_lightning.artifacts import require_artifact, save_model_artifact
+from rlhf_lightning.artifacts import require_artifact
 from rlhf_lightning.data.preference import PreferenceDataModule
 from rlhf_lightning.models.factory import train_top_layers
-from rlhf_lightning.models.lora import export_for_saving, lora_settings, reward_model_with_lora
-from rlhf_lightning.stages.common import rank_zero_work, validation_metrics
+from rlhf_lightning.models.lora import lora_settings, reward_model_with_lora
+from rlhf_lightning.stages.common import rank_zero_work, save_stage_artifact, validation_metrics
 
 
 def run_rm(ctx) -> dict:
@@ -47,13 +47,7 @@ def run_rm(ctx) -> dict:
                 "metrics": metrics,
                 "max_length": int(cfg.max_length),
             }
-            result["sha256"] = save_model_artifact(  # a plain HF model (rm.lora merged in)
-                export_for_saving(reward_model),
-                ctx.tokenizer,
-                ctx.artifact("rm", write=True),
-                manifest,
-            )
-            result["artifact"] = str(ctx.artifact("rm", write=True))
+            save_stage_artifact(ctx, "rm", reward_model, manifest, result)  # rm.lora merged in
     return result
 
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from hydra.utils import instantiate
 
-from rlhf_lightning.artifacts import save_model_artifact
 from rlhf_lightning.data.sft import SFTDataModule
-from rlhf_lightning.stages.common import rank_zero_work, validation_metrics
+from rlhf_lightning.stages.common import rank_zero_work, save_stage_artifact, validation_metrics
 
 
 def run_sft(ctx) -> dict:
@@ -29,9 +28,5 @@ def run_sft(ctx) -> dict:
     result = {"loss": metrics.get("val/loss", float("nan"))}
     with rank_zero_work(trainer) as mine:
         if mine:
-            manifest = {"stage": "sft", "metrics": metrics}
-            result["sha256"] = save_model_artifact(
-                policy, ctx.tokenizer, ctx.artifact("sft", write=True), manifest
-            )
-            result["artifact"] = str(ctx.artifact("sft", write=True))
+            save_stage_artifact(ctx, "sft", policy, {"stage": "sft", "metrics": metrics}, result)
     return result
