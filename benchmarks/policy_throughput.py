@@ -218,10 +218,11 @@ def run_ours_plain(spec: dict) -> dict:
 
 
 class _Context:
-    """What `LearnedReward.setup` reads from a run context."""
+    """A `rewards.base.RewardContext` for `LearnedReward.setup`: the RM folder as its artifact."""
 
     def __init__(self, model_spec, reward_dir: Path, tokenizer):
         self.model_spec, self.reward_dir, self.tokenizer = model_spec, reward_dir, tokenizer
+        self.data = None  # no task: only the learned reward is set up here
 
     def artifact(self, stage: str) -> Path:
         return self.reward_dir

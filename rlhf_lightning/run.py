@@ -39,7 +39,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 class RunContext:
-    """What the stages of one run share, built lazily from the composed config."""
+    """What the stages of one run share, built lazily from the composed config; the
+    `rewards.base.RewardContext` a reward's `setup` reads."""
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg

@@ -294,7 +294,7 @@ def test_generation_prefills_each_prompt_once_and_draws_the_same_samples():
 
 def test_the_learned_reward_scores_k_samples_of_a_prompt_with_one_prompt_pass():
     from rlhf_lightning.models.tokenizer import build_tokenizer
-    from rlhf_lightning.rewards.learned import LearnedReward, _run_length
+    from rlhf_lightning.rewards.learned import LearnedReward
 
     tokenizer = build_tokenizer(["the plot was great . a dull film , and slow ."] * 20, 300)
     config = CONFIGS["llama"]()
@@ -307,11 +307,10 @@ def test_the_learned_reward_scores_k_samples_of_a_prompt_with_one_prompt_pass():
     model = T.AutoModelForSequenceClassification.from_config(config).eval()
     prompts = ["the plot was"] * 3 + ["a dull film , and"] * 3
     responses = ["great .", "slow .", "a dull", "slow", "great . and", "the plot ."]
-    assert _run_length(prompts) == 3 and _run_length(prompts[:4]) == 1
     scores = {}
     for shared in (False, True):
         reward = LearnedReward(batch_size=4, shared_prefix=shared)  # chunks of whole groups
         reward.model, reward.tokenizer = model, tokenizer
-        scores[shared] = reward.raw(prompts, responses)
+        scores[shared] = reward.raw(prompts, responses, group_size=3)  # the rollout's k
     assert model._rlhf_shared_prefix_is_exact
     assert torch.allclose(scores[True], scores[False], atol=TOL, rtol=0)

@@ -60,6 +60,13 @@ def pad(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
+def response_mask(attention_mask: torch.Tensor, starts) -> torch.Tensor:
+    """1 on the response tokens of right-padded prompt + response rows: attention_mask [N, T]
+    where the position is at or past the row's prompt length `starts` [N] (a sequence or tensor)."""
+    starts = torch.as_tensor(starts)
+    return attention_mask * (torch.arange(attention_mask.shape[1]) >= starts[:, None])
+
+
 def rank_slice(batch: list[int], num_replicas: int, rank: int) -> list[int]:
     """Rank `rank`'s contiguous share of a global batch (sizes differ by at most one)."""
     size, extra = divmod(len(batch), num_replicas)

@@ -10,7 +10,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from rlhf_lightning.data.batching import LengthGroupedBatchSampler, ResumableSampling, pad
+from rlhf_lightning.data.batching import (
+    LengthGroupedBatchSampler,
+    ResumableSampling,
+    pad,
+    response_mask,
+)
 from rlhf_lightning.data.encoding import encode_sequences
 from rlhf_lightning.data.spec import DataSpec
 
@@ -41,11 +46,10 @@ class PreferenceCollator:
         )
         margin = torch.tensor([it["margin"] for it in items], dtype=torch.float32)
         starts = [it["prompt_lengths"][side] for side in (0, 1) for it in items]  # [2B]
-        response_mask = mask * (torch.arange(mask.shape[1]) >= torch.tensor(starts)[:, None])
         batch = {
             "input_ids": ids,
             "attention_mask": mask,
-            "response_mask": response_mask,
+            "response_mask": response_mask(mask, starts),
             "margin": margin,
         }
         if all("index" in it for it in items):

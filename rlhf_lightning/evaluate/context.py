@@ -1,8 +1,8 @@
 """What an evaluation reads: the data, checkpoints (ours or any `save_pretrained` folder), judges.
 
-`EvalContext` answers the questions the reward functions ask of a training run's context
-(`.data`, `.model_spec`, `.artifact(stage)`, `.tokenizer`), so `reward=learned|gold|ensemble` set up exactly as in
-training. A checkpoint is any folder (or Hub name) that `from_pretrained` reads, loaded under the
+`EvalContext` is a `rewards.base.RewardContext`, as a training run's context is (`.data`,
+`.model_spec`, `.artifact(stage)`, `.tokenizer`), so `reward=learned|gold|ensemble` set up exactly
+as in training. A checkpoint is any folder (or Hub name) that `from_pretrained` reads, loaded under the
 `model` config's rules (dtype, `trust_remote_code`); our artifacts are only the default paths.
 """
 

@@ -13,11 +13,11 @@ must beat (KL_bon(n) = log n − (n − 1)/n, `analysis.overoptimisation`).
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
+from rlhf_lightning.analysis.oracle import oracle_setup
 from rlhf_lightning.analysis.overoptimisation import (
     best_of_n_curve,
     best_of_n_expectation,
@@ -27,7 +27,8 @@ from rlhf_lightning.evaluate import stats
 from rlhf_lightning.evaluate.context import EvalContext, check_same_vocabulary
 from rlhf_lightning.generation.keyed import EVAL_STREAM, sample_seeds
 from rlhf_lightning.generation.settings import GenerationSettings
-from rlhf_lightning.modules.evaluation import sample_and_score
+from rlhf_lightning.modules.evaluation import EvaluationSetup, sample_and_score
+from rlhf_lightning.rewards.base import score
 
 BEST_OF_N_STREAM = EVAL_STREAM + 1  # best-of-n draws: never the same keys as the sides' samples
 
@@ -39,7 +40,7 @@ def evaluate_policy(ctx: EvalContext) -> dict:
     generation, exact = _generation(ctx, tokenizer, models["reference"])
     judges = ctx.judges()
     proxy_name = next(iter(judges))
-    module = SimpleNamespace(  # what sample_and_score reads of a PolicyModule
+    module = EvaluationSetup(  # what sample_and_score reads of a PolicyModule
         generation=generation,
         tokenizer=tokenizer,
         reference=models["reference"],
@@ -111,7 +112,8 @@ def _sample_sides(ctx: EvalContext, module, models, prompts, judges) -> dict:
         side["scores"] = {proxy_name: side.pop("proxy")}  # every judge scores every response
         for name, judge in judges.items():
             if name != proxy_name:
-                side["scores"][name] = _numpy(judge(side["prompts"], side["responses"]))
+                texts = (side["prompts"], side["responses"])
+                side["scores"][name] = _numpy(score(judge, *texts, group_size=k))
         sides[role] = side
     return sides
 
@@ -120,14 +122,7 @@ def _generation(ctx: EvalContext, tokenizer, reference):
     """Sampling settings (`generation`), fixed-length and restricted on an enumerable task, and
     that task's exact evaluator (which standardises its gold table under the reference)."""
     generation = GenerationSettings(**dict(ctx.cfg.generation))
-    task = ctx.task
-    if task is None or not hasattr(task, "allowed_token_ids"):
-        return generation, None
-    from rlhf_lightning.analysis.oracle import OracleEvaluator
-
-    generation.allowed_token_ids = task.allowed_token_ids(tokenizer)
-    generation.min_new_tokens = generation.max_new_tokens = task.length
-    return generation, OracleEvaluator(task, tokenizer, reference, generation.temperature)
+    return generation, oracle_setup(ctx.task, tokenizer, reference, generation)
 
 
 def _score(out: dict, max_new_tokens: int) -> dict:
@@ -227,7 +222,9 @@ def _best_of_n(ctx, module, policy, judges, proxy_name, kl, boot) -> dict:
     )
     proxy = out["proxy"].view(len(distinct), n_max)  # [P, N]
     scores = {
-        name: torch.as_tensor(judge(out["prompts"], out["responses"])).view(len(distinct), n_max)
+        name: torch.as_tensor(
+            score(judge, out["prompts"], out["responses"], group_size=n_max)
+        ).view(len(distinct), n_max)
         for name, judge in judges.items()
         if name != proxy_name
     }

@@ -5,24 +5,54 @@ Shared by the end-of-stage summary and the evaluation callbacks, so every number
 `generation.keyed.EVAL_STREAM`): sample from the policy at the training temperature, score the text
 with the proxy (the reward being optimised) and, when the task has one, the gold reward; KL is the
 k1 estimate Σ_t log p_θ/p_ref over the policy's own samples (unbiased for KL(p_θ‖p_ref)).
+
+What it reads of the module under evaluation is `PolicyUnderEvaluation`: `PolicyModule` and
+`DPOModule` serve it, and `eval.py` (no module) fills an `EvaluationSetup`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from rlhf_lightning.generation.keyed import EVAL_STREAM, sample_seeds
 from rlhf_lightning.generation.sampling import decode_responses, policy_prompts, sample
+from rlhf_lightning.generation.settings import GenerationSettings
 from rlhf_lightning.losses import kl_per_token, sequence_kl
 from rlhf_lightning.models.logprobs import forward_logprobs
 from rlhf_lightning.rewards.base import score
 
 
+class PolicyUnderEvaluation(Protocol):
+    """What `sample_and_score` reads: how to sample, the tokenizer, the frozen reference (KL is
+    against it) and the proxy reward. Optional, read where present: `forward_batch_size`
+    (sequences per call) and `shared_prefix` (each prompt once per group of samples; True)."""
+
+    generation: GenerationSettings
+    tokenizer: Any
+    reference: nn.Module
+    reward: Callable
+
+
+@dataclass
+class EvaluationSetup:
+    """A `PolicyUnderEvaluation` without a LightningModule (`eval.py mode=policy`)."""
+
+    generation: GenerationSettings
+    tokenizer: Any
+    reference: nn.Module
+    reward: Callable
+    forward_batch_size: int | None = None
+    shared_prefix: bool = True
+
+
 @torch.no_grad()
 def sample_and_score(
-    module,
+    module: PolicyUnderEvaluation,
     model,
     prompts: list[str],
     samples_per_prompt: int = 1,
@@ -73,7 +103,7 @@ def sample_and_score(
         responses = decode_responses(module.tokenizer, ids, mask)
         out["prompts"] += chunk_k
         out["responses"] += responses
-        proxy = score(module.reward, chunk_k, responses, ended)
+        proxy = score(module.reward, chunk_k, responses, ended, group_size=k)
         out["proxy"].append(proxy.float().cpu())
         if gold is not None:
             out["gold"].append(torch.as_tensor(gold(chunk_k, responses), dtype=torch.float32))

@@ -214,12 +214,14 @@ class PolicyModule(L.LightningModule):
             ref_logprobs = chunked(reference_pass, rows, size)
             prompts_k = [p for p in prompts for _ in range(k)]
             responses = decode_responses(self.tokenizer, ids, resp_mask)
+            group = k if size is None or size % k == 0 else 1  # chunks of whole groups of k
             scores = chunked(  # a response cut at max_new_tokens is scored without EOS
                 lambda r: score(
                     self.reward,
                     [prompts_k[i] for i in r.tolist()],
                     [responses[i] for i in r.tolist()],
                     ended[r].tolist(),
+                    group_size=group,
                 ).float(),
                 rows,
                 size,

@@ -14,6 +14,7 @@ class EnsembleReward(RewardFunction):
 
     name = "ensemble"
     reads_ended = True  # handed on to the members that read it
+    reads_groups = True  # likewise
 
     def __init__(self, members: dict[str, RewardFunction], weights: dict[str, float] | None = None):
         self.members = dict(members)
@@ -31,8 +32,9 @@ class EnsembleReward(RewardFunction):
         return self
 
     def __call__(
-        self, prompts: Sequence[str], responses: Sequence[str], ended=None
+        self, prompts: Sequence[str], responses: Sequence[str], ended=None, group_size: int = 1
     ) -> torch.Tensor:
         return sum(
-            w * score(self.members[k], prompts, responses, ended) for k, w in self.weights.items()
+            w * score(self.members[k], prompts, responses, ended, group_size)
+            for k, w in self.weights.items()
         )

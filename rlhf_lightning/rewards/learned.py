@@ -29,10 +29,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from rlhf_lightning.artifacts import content_hash, read_manifest, require_artifact
-from rlhf_lightning.data.batching import pad
+from rlhf_lightning.data.batching import pad, response_mask
 from rlhf_lightning.data.encoding import encode_sequences, stop_token_ids
 from rlhf_lightning.models.reward_scores import reward_scores
-from rlhf_lightning.rewards.base import RewardFunction
+from rlhf_lightning.rewards.base import RewardContext, RewardFunction
 
 FALLBACK_MAX_LENGTH = 256  # for RM artifacts whose manifest predates `max_length`
 
@@ -42,6 +42,7 @@ class LearnedReward(RewardFunction):
 
     name = "learned"
     reads_ended = True
+    reads_groups = True
 
     def __init__(
         self,
@@ -61,7 +62,7 @@ class LearnedReward(RewardFunction):
         self.sha256: str | None = None
         self.foreign_stops: tuple[str, ...] = ()  # the policy's stop texts, for a foreign RM
 
-    def setup(self, ctx) -> LearnedReward:
+    def setup(self, ctx: RewardContext) -> LearnedReward:
         from transformers import AutoTokenizer
 
         path = Path(self.path) if self.path else ctx.artifact("rm")
@@ -111,12 +112,15 @@ class LearnedReward(RewardFunction):
             )
 
     @torch.inference_mode()
-    def raw(self, prompts: Sequence[str], responses: Sequence[str], ended=None) -> torch.Tensor:
-        """Unnormalised RM scores [B]. When the prompts come in runs of k equal ones (a rollout's
-        k samples per prompt), each prompt runs once per run (`reward_scores` groups)."""
+    def raw(
+        self, prompts: Sequence[str], responses: Sequence[str], ended=None, group_size: int = 1
+    ) -> torch.Tensor:
+        """Unnormalised RM scores [B]. `group_size` k > 1: the prompts come in runs of k equal
+        ones (a rollout's k samples per prompt), and each prompt runs once per run
+        (`reward_scores` groups)."""
         device = next(self.model.parameters()).device
         pairs = self._encode_pairs(prompts, responses, ended)  # one batched tokenizer call each
-        k = _run_length(prompts) if self.shared_prefix else 1
+        k = group_size if self.shared_prefix and len(pairs) % group_size == 0 else 1
         size = max(k, self.batch_size - self.batch_size % k)  # chunks of whole groups
         scores = []
         for start in range(0, len(pairs), size):
@@ -124,8 +128,7 @@ class LearnedReward(RewardFunction):
             ids, mask = pad([p + r for p, r in chunk], self.tokenizer.pad_token_id)
             groups = response = None
             if k > 1:
-                starts = torch.tensor([len(p) for p, _ in chunk])
-                response = mask * (torch.arange(mask.shape[1]) >= starts[:, None])
+                response = response_mask(mask, [len(p) for p, _ in chunk])
                 groups = torch.arange(len(chunk)).view(-1, k).to(device)
                 response = response.to(device)
             scores.append(
@@ -134,11 +137,12 @@ class LearnedReward(RewardFunction):
         return torch.cat(scores).cpu()
 
     def __call__(
-        self, prompts: Sequence[str], responses: Sequence[str], ended=None
+        self, prompts: Sequence[str], responses: Sequence[str], ended=None, group_size: int = 1
     ) -> torch.Tensor:
         """Normalised scores [B]; `ended` [B] bool: False where a response was cut at
-        `max_new_tokens` (scored without an EOS); None: every response ended."""
-        return (self.raw(prompts, responses, ended) - self.mean) / self.std
+        `max_new_tokens` (scored without an EOS); None: every response ended. `group_size`:
+        as `raw`."""
+        return (self.raw(prompts, responses, ended, group_size) - self.mean) / self.std
 
 
 def scoring_length(trained: int | None, requested: int | None, path) -> int:
@@ -163,16 +167,6 @@ def _foreign_stop_texts(policy_tokenizer, rm_tokenizer) -> tuple[str, ...]:
         return ()
     tokens = policy_tokenizer.convert_ids_to_tokens(stop_token_ids(policy_tokenizer))
     return tuple(t for t in tokens if t)
-
-
-def _run_length(prompts: Sequence[str]) -> int:
-    """k when `prompts` are runs of k equal texts (k samples per prompt, grouped), else 1."""
-    for k in range(len(prompts), 1, -1):
-        if len(prompts) % k == 0 and all(
-            prompts[i] == prompts[i - i % k] for i in range(len(prompts))
-        ):
-            return k
-    return 1
 
 
 def _strip_suffix(text: str, suffixes: tuple[str, ...]) -> str:
