@@ -23,7 +23,7 @@ from functools import partial
 from pathlib import Path
 
 import common
-from rm_throughput import _check_same_ids
+from rm_throughput import check_same_ids
 
 SCRIPT = Path(__file__).resolve()
 BETA = 0.1
@@ -106,7 +106,7 @@ def run_trl(spec: dict) -> dict:
     ws, data, tokenizer, policy = _load(spec)
     trl_tokenizer = AutoTokenizer.from_pretrained(ws.trl_tokenizer_dir)
     rows = common.read_jsonl(Path(ws.data_dir) / "reviews" / "prefs_train.jsonl")
-    _check_same_ids(tokenizer, trl_tokenizer, rows[:256], spec["max_length"])
+    check_same_ids(tokenizer, trl_tokenizer, rows[:256], spec["max_length"])
     clock = common.StepClock()
     with tempfile.TemporaryDirectory(prefix="trl-dpo-") as out:
         config = DPOConfig(

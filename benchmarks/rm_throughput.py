@@ -230,7 +230,7 @@ def run_trl(spec: dict) -> dict:
     ws, data, tokenizer = _load(spec)
     trl_tokenizer = AutoTokenizer.from_pretrained(ws.trl_tokenizer_dir)
     rows = common.read_jsonl(Path(ws.data_dir) / "reviews" / "prefs_train.jsonl")
-    _check_same_ids(tokenizer, trl_tokenizer, rows[:256], spec["max_length"])
+    check_same_ids(tokenizer, trl_tokenizer, rows[:256], spec["max_length"])
     model = build_reward_model(tokenizer, spec["seed"], ws.model_config)
     counts = count_tokens(model)
     clock = common.StepClock()
@@ -274,7 +274,7 @@ def run_trl(spec: dict) -> dict:
     return _result(spec, clock, counts, clock.started - start, total_s, probe)
 
 
-def _check_same_ids(tokenizer, trl_tokenizer, rows: list[dict], max_length: int) -> None:
+def check_same_ids(tokenizer, trl_tokenizer, rows: list[dict], max_length: int) -> None:
     """TRL's tokenisation (prompt + chosen + EOS text) must give our ids, or the race is unfair."""
     from rlhf_lightning.data.preference import encode_pair
     from rlhf_lightning.data.records import PreferenceRecord

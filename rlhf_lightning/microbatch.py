@@ -175,7 +175,11 @@ OOM_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError, MemoryErr
 
 
 def is_out_of_memory(err: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError."""
+    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError.
+
+    Not Lightning's `utilities.memory.is_oom_error`: it matches message texts only ("CUDA" and
+    "out of memory", "DefaultCPUAllocator: can't allocate memory", one argument), so it misses
+    Python's MemoryError and a `torch.OutOfMemoryError` whose text names no CUDA (ROCm, XPU)."""
     if isinstance(err, OOM_ERRORS):
         return True
     return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)

@@ -13,6 +13,9 @@ Formats (https://huggingface.co/docs/trl/dataset_formats):
 Any prompt/completion may instead be a list of chat messages (conversational formats, rendered to
 text by `chat.py`); the implicit conversational preference format shares its leading turns.
 
+Size (over ~300 lines): the three record kinds share one loader (`_load`) and one set of field,
+text and length checks; they are kept together so every format fails with the same messages.
+
 Validation: every row is an object with exactly the fields of its format. "id" is accepted and
 ignored (exported datasets often carry one); any other field is an error naming it, because a
 misspelt column would otherwise vanish unnoticed. Texts are kept exactly as given (no stripping).

@@ -11,6 +11,9 @@ Sources:
   "owner/name"            a Hugging Face Hub dataset: `datasets.load_dataset(name, split=split)`,
                           only when no such local path exists (never trust_remote_code)
 
+Size (over ~300 lines): one reader per source format, each short, beside the row addressing
+they share; split by format they would each import the same helpers back.
+
 `where` names the row: "prefs.jsonl:row 12" is line 12 of a JSONL file (1-based, as an editor
 shows it); "prefs.parquet:index 3" is the 0-based position `dataset[3]` in a JSON list, a Parquet
 file or a dataset; CSV adds the line: "prefs.csv:index 3 (line 5)".

@@ -7,6 +7,10 @@ surrogate → β controller update with the measured KL.
 
 The reference and reward model are frozen, in eval mode, outside the optimiser and outside the
 module's state dict (checkpoints hold the policy, value head, optimiser and β state only).
+
+Size (over ~300 lines): the rollout, the PPO-style update and the exact step of one manually
+optimised module; its optimiser steps (`_optimise`, `_step`) leave with the one optimiser step
+every stage is to share (issue 24).
 """
 
 from __future__ import annotations
@@ -126,9 +130,9 @@ class PolicyModule(L.LightningModule):
         self._check_finite(stats)
         stats["train/beta"] = torch.tensor(self.beta.value)
         # the β controller sees the global batch: the same β on every rank, and as on one process
-        k = self.algorithm.group_size
-        n = all_reduce_sum(torch.tensor(float(len(prompts) * k), device=self.device))
-        kl = all_reduce_sum(stats["train/kl"].detach() * len(prompts) * k) / n
+        k, strategy = self.algorithm.group_size, self.trainer.strategy
+        n = strategy.reduce(torch.tensor(float(len(prompts) * k), device=self.device), None, "sum")
+        kl = strategy.reduce(stats["train/kl"].detach() * len(prompts) * k, None, "sum") / n
         # n_steps counts samples (what AdaptiveBeta's horizon counts, as in Ziegler et al. and TRL)
         self.beta.update(float(kl), n_steps=int(n))
         reward = stats.pop("train/reward")
