@@ -235,6 +235,49 @@ def test_dpo_module_instantiates(tmp_path):
     assert not any(p.requires_grad for p in dpo.reference.parameters())  # frozen
 
 
+@pytest.mark.parametrize(
+    "overrides", [[], ["algo=ppo", "policy.optimizer.lr=1e-3", "kl.penalty=reward"]]
+)
+def test_policy_module_instantiates_with_the_objects_as_they_are(overrides, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf_lightning.generation.settings import GenerationSettings
+    from rlhf_lightning.modules.policy import PolicyModule
+    from rlhf_lightning.stages.common import build_module
+
+    cfg = compose([*TINY, *overrides], tmp_path)
+    tiny = LlamaConfig(
+        vocab_size=16,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    algo = OmegaConf.to_container(cfg.algo)
+    algo.pop("beta")
+    generation, algorithm = GenerationSettings(max_new_tokens=4), Algorithm(**algo)
+    module = build_module(
+        cfg.policy.module,
+        policy=LlamaForCausalLM(tiny),
+        reference=LlamaForCausalLM(tiny),
+        reward=lambda prompts, responses: torch.zeros(len(prompts)),
+        tokenizer=None,
+        generation=generation,
+        exact=None,
+        algorithm=algorithm,
+        beta_controller=instantiate(cfg.kl_controller),
+    )
+    assert isinstance(module, PolicyModule)
+    assert module.generation is generation and module.algorithm is algorithm  # not DictConfigs
+    assert (module.kl_estimator, module.kl_penalty) == (cfg.kl.estimator, cfg.kl.penalty)
+    assert module.max_grad_norm == cfg.policy.max_grad_norm and module.seed == cfg.seed
+    assert module.shared_prefix == cfg.policy.shared_prefix
+    optimizer = module.configure_optimizers()
+    assert optimizer.defaults["lr"] == cfg.policy.optimizer.lr
+    assert optimizer.defaults["betas"] == tuple(cfg.policy.optimizer.betas)
+
+
 def test_checkpoint_instantiates(tmp_path):
     checkpoint = instantiate(compose([], tmp_path).checkpoint)
     assert isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_last
