@@ -96,6 +96,29 @@ def chunked(fn: Callable[[Tensor], Tensor | tuple], n: int, size: int | None):
     return torch.cat(outs)
 
 
+def optimiser_step(
+    module,
+    optimizer,
+    backward: Callable[[], dict[str, Tensor] | None],
+    max_grad_norm: float | None = None,
+    scheduler=None,
+) -> dict[str, Tensor]:
+    """One optimiser step, the same in every stage: zero the gradients, `backward()` (e.g. an
+    `accumulate` over micro-batches, or one `manual_backward`), clip by the global norm over every
+    rank's gradients (`sharding.clip_grad_norm`: FSDP1/2, DeepSpeed, plain), step, schedule.
+    Returns what `backward` returns (its diagnostics), or {}."""
+    from rlhf_lightning.sharding import clip_grad_norm
+
+    optimizer.zero_grad()
+    stats = backward() or {}
+    if max_grad_norm:
+        clip_grad_norm(module, optimizer, max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return stats
+
+
 def accumulate(
     module,
     parts: Sequence,

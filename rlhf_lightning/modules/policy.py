@@ -16,6 +16,7 @@ every stage is to share (issue 24).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import lightning as L
 import torch
@@ -28,18 +29,27 @@ from rlhf_lightning.distributed import (
     world_size,
 )
 from rlhf_lightning.errors import NumericalError
+from rlhf_lightning.fsdp2 import shard_trained
 from rlhf_lightning.generation.keyed import sample_seeds
 from rlhf_lightning.generation.sampling import decode_responses, policy_prompts, sample
 from rlhf_lightning.generation.settings import GenerationSettings
 from rlhf_lightning.losses import masked_mean, ppo_policy_loss, ppo_value_loss, sequence_kl
-from rlhf_lightning.microbatch import accumulate, chunked, plan, shape_on_failure, trim_columns
+from rlhf_lightning.microbatch import (
+    accumulate,
+    chunked,
+    optimiser_step,
+    plan,
+    shape_on_failure,
+    trim_columns,
+)
 from rlhf_lightning.models.factory import train_without_dropout
 from rlhf_lightning.models.logprobs import forward_logprobs
 from rlhf_lightning.modules.algorithm import Algorithm
 from rlhf_lightning.modules.rollout import Rollout, minibatch_rows
 from rlhf_lightning.rewards.base import score
-from rlhf_lightning.fsdp2 import shard_trained
-from rlhf_lightning.sharding import clip_grad_norm, gathered_weights
+from rlhf_lightning.sharding import gathered_weights
+
+NUMERICAL_FIX = "lower the learning rate, or raise beta"  # what a non-finite loss asks for
 
 
 class PolicyModule(L.LightningModule):
@@ -124,9 +134,10 @@ class PolicyModule(L.LightningModule):
         if self.algorithm.name == "exact":
             stats = self._exact_step()
         else:
+            fused = self.fuses_old_logprobs  # the update's forward gives log p_old
             with gathered_weights(self.trainer):  # FSDP: gathered once per rollout, not per token
-                rollout = self.rollout(prompts, keys, old_logprobs=not self.fuses_old_logprobs)
-            stats = self._update(rollout)
+                rollout = self.rollout(prompts, keys, old_logprobs=not fused)
+            stats = self._fused_update(rollout) if fused else self._update(rollout)
         self._check_finite(stats)
         stats["train/beta"] = torch.tensor(self.beta.value)
         # the β controller sees the global batch: the same β on every rank, and as on one process
@@ -303,8 +314,6 @@ class PolicyModule(L.LightningModule):
     def _update(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         """`epochs` passes over `minibatches` of the rollout, one optimiser step per minibatch,
         each minibatch through the network in micro-batches (`microbatch.accumulate`)."""
-        if rollout.logprobs is None:
-            return self._fused_update(rollout)
         advantages, returns = self.advantages(rollout)
         stats = self._rollout_stats(rollout)
         optimizer = self.optimizers()
@@ -364,16 +373,10 @@ class PolicyModule(L.LightningModule):
     def _optimise(self, optimizer, parts, loss_of, count_of, spare=None) -> dict:
         """One optimiser step on the global-mean loss over micro-batches `parts` (`spare`: what a
         rank without rows runs × 0 under FSDP2, see `microbatch.accumulate`)."""
-        optimizer.zero_grad()
-        stats = accumulate(
-            *(self, parts, loss_of, count_of),
-            fix="lower the learning rate, or raise beta",
-            spare=spare,
+        backward = partial(
+            accumulate, *(self, parts, loss_of, count_of), fix=NUMERICAL_FIX, spare=spare
         )
-        if self.max_grad_norm:  # by the global norm, also when FSDP shards the gradients
-            clip_grad_norm(self, optimizer, self.max_grad_norm)
-        optimizer.step()
-        return stats
+        return optimiser_step(self, optimizer, backward, self.max_grad_norm)
 
     def _rollouts_done(self) -> int:
         """Rollouts finished before this one (Lightning's global_step counts optimiser steps)."""
@@ -434,16 +437,13 @@ class PolicyModule(L.LightningModule):
         return {f"train/{k}": v.detach() for k, v in terms.items()}
 
     def _step(self, optimizer, loss: torch.Tensor) -> None:
+        """One optimiser step on a loss computed whole (the fused update, `algo=exact`)."""
         if not torch.isfinite(loss):
             raise NumericalError(
                 f"loss is {loss.item()} at step {self.global_step}; the last good checkpoint is "
-                "kept (lower the learning rate, or raise beta)"
+                f"kept ({NUMERICAL_FIX})"
             )
-        optimizer.zero_grad()
-        self.manual_backward(loss)
-        if self.max_grad_norm:  # by the global norm, also when FSDP shards the gradients
-            clip_grad_norm(self, optimizer, self.max_grad_norm)
-        optimizer.step()
+        optimiser_step(self, optimizer, lambda: self.manual_backward(loss), self.max_grad_norm)
 
     def _values(self, hidden: torch.Tensor) -> torch.Tensor:
         """V(s_t) aligned with log-probs: position t's value is read from hidden state t−1."""

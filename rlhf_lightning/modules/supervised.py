@@ -20,13 +20,12 @@ import lightning as L
 import torch
 
 from rlhf_lightning.fsdp2 import shard_trained
-from rlhf_lightning.microbatch import accumulate, plan, shape_on_failure
+from rlhf_lightning.microbatch import accumulate, optimiser_step, plan, shape_on_failure
 from rlhf_lightning.modules.optim import (
     DECAY_EXCLUSIONS,
     optimizers_with_schedule,
     weight_decay_groups,
 )
-from rlhf_lightning.sharding import clip_grad_norm
 
 
 class MicroBatchedModule(L.LightningModule):
@@ -81,22 +80,20 @@ class MicroBatchedModule(L.LightningModule):
 
     # --- the shared step --------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        optimizer = self.optimizers()
-        optimizer.zero_grad()
-        stats = accumulate(
+        stats = optimiser_step(
             self,
-            self.parts(batch),
-            self.micro_loss,
-            self.loss_count,
-            what=f"train/loss ({self.loss_name})",
-            fix=self.numerical_fix,
+            self.optimizers(),
+            lambda: accumulate(
+                self,
+                self.parts(batch),
+                self.micro_loss,
+                self.loss_count,
+                what=f"train/loss ({self.loss_name})",
+                fix=self.numerical_fix,
+            ),
+            self.max_grad_norm,
+            self.lr_schedulers(),
         )
-        if self.max_grad_norm:
-            clip_grad_norm(self, optimizer, self.max_grad_norm)
-        optimizer.step()
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
         n = self.units(batch)
         for key, value in stats.items():
             self.log(f"train/{key}", value, prog_bar=key == "loss", batch_size=n, sync_dist=True)
