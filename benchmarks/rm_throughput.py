@@ -16,6 +16,12 @@ smaller (nothing is truncated: TRL would drop longer pairs), and the position li
 `--shared-prefix on|off|both`: our side with a pair's prompt run once (rm.shared_prefix), without
 it (side `ours_plain`), or both.
 
+`--size smollm2`: both sides train SmolLM2-135M-Instruct (`common.prepare_chat_workspace`: the
+converted checkpoint under a score head drawn from the seed) on chat pairs of its own samples
+(rendered with its chat template; chosen = the response the chat task's gold judge prefers), 8
+steps of 8 pairs at lr 1e-5 by default, accuracy on the last held-out pairs of the samples.
+`--precision bf16`: our `trainer.precision=bf16-mixed`, TRL's `bf16=True` (fp32 by default).
+
 Learning per pair and per second (issue 15): `--eval-every K` scores the held-out pairs every K
 steps with the clock paused, giving each run a learning curve (step, training seconds, accuracy);
 the report adds the time to a target accuracy (`--target`, default: the lower side's mean final
@@ -23,9 +29,9 @@ accuracy minus 0.01) and each side's accuracy at equal training time (the shorte
 `--seeds 0 1 2` repeats everything per seed (own pairs, own init); accuracies are then given as
 mean ± std over seeds. `--factors shuffle ...` adds our side with one setting changed (FACTORS).
 
-    python benchmarks/rm_throughput.py [--quick] [--size tiny|medium] [--runs N] [--epochs E]
+    python benchmarks/rm_throughput.py [--quick] [--size tiny|medium|smollm2] [--runs N] [--epochs E]
         [--prompt-tokens N] [--shared-prefix on|off|both] [--eval-every K] [--target ACC]
-        [--seeds S ...] [--val-pairs N] [--factors NAME ...]
+        [--seeds S ...] [--val-pairs N] [--factors NAME ...] [--precision fp32|bf16]
 """
 
 from __future__ import annotations
@@ -41,8 +47,14 @@ import common
 
 SCRIPT = Path(__file__).resolve()
 # per --size: (pairs, epochs, batch size, max length, held-out pairs); options given win
-SIZE_DEFAULTS = {"tiny": (2048, 3, 32, 128, 512), "medium": (384, 1, 32, 512, 128)}
-QUICK = {"tiny": (256, 1, 32, 128, 64), "medium": (32, 1, 8, 512, 16)}
+SIZE_DEFAULTS = {
+    "tiny": (2048, 3, 32, 128, 512),
+    "medium": (384, 1, 32, 512, 128),
+    "smollm2": (64, 1, 8, 512, 64),  # 8 steps of 8 chat pairs (~100 tokens a sequence)
+}
+QUICK = {"tiny": (256, 1, 32, 128, 64), "medium": (32, 1, 8, 512, 16), "smollm2": (4, 1, 2, 512, 4)}
+# --lr default per --size: a pretrained checkpoint takes a fine-tuning rate
+LR = {"tiny": 1e-3, "medium": 1e-3, "smollm2": 1e-5}
 # --factors: our side with one setting changed (side `ours_<name>`), for per-factor tables
 FACTORS = {
     "shuffle": {"length_group": 1},  # uniform batches, as TRL samples (no length grouping)
@@ -52,14 +64,13 @@ FACTORS = {
 }
 
 
-def build_reward_model(tokenizer, seed: int, config: dict):
-    """The seq-cls Llama both sides start from (same seed, same init)."""
+def build_reward_model(tokenizer, seed: int, ws: common.Workspace):
+    """The seq-cls Llama both sides start from (same seed, same init; a checkpoint's backbone
+    under a score head drawn from the seed)."""
     import torch
 
-    from rlhf_lightning.models.factory import ModelSpec
-
     torch.manual_seed(seed)
-    return ModelSpec(config=config).reward_model(tokenizer)
+    return common.model_spec(ws).reward_model(tokenizer)
 
 
 def count_tokens(model) -> dict:
@@ -108,11 +119,8 @@ def pair_accuracy(model, tokenizer, records, max_length: int, batch_size: int = 
 def _load(spec: dict):
     from transformers import AutoTokenizer
 
-    from rlhf_lightning.data.spec import TaskData
-    from rlhf_lightning.tasks.reviews import ReviewsTask
-
     ws = common.Workspace(**spec["workspace"])
-    data = TaskData(ReviewsTask(**spec["task"]), ws.data_dir)
+    data = common.preference_data(ws, spec["task"])
     return ws, data, AutoTokenizer.from_pretrained(ws.tokenizer_dir)
 
 
@@ -145,7 +153,7 @@ def run_ours(spec: dict) -> dict:
 
     start = time.perf_counter()
     ws, data, tokenizer = _load(spec)
-    model = build_reward_model(tokenizer, spec["seed"], ws.model_config)
+    model = build_reward_model(tokenizer, spec["seed"], ws)
     counts = count_tokens(model)  # (the hook fills this very dict)
     counts.update(_lengths(data, tokenizer, spec["max_length"], spec.get("prompt_tokens", 0)))
     factor = spec.get("factor", {})
@@ -173,7 +181,7 @@ def run_ours(spec: dict) -> dict:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
-        precision="32-true",
+        precision=common.precision(spec)[0],
         max_steps=spec["steps"],
         logger=False,
         enable_checkpointing=False,
@@ -229,9 +237,9 @@ def run_trl(spec: dict) -> dict:
     start = time.perf_counter()
     ws, data, tokenizer = _load(spec)
     trl_tokenizer = AutoTokenizer.from_pretrained(ws.trl_tokenizer_dir)
-    rows = common.read_jsonl(Path(ws.data_dir) / "reviews" / "prefs_train.jsonl")
+    rows = common.read_jsonl(Path(ws.data_dir) / ws.task / "prefs_train.jsonl")
     check_same_ids(tokenizer, trl_tokenizer, rows[:256], spec["max_length"])
-    model = build_reward_model(tokenizer, spec["seed"], ws.model_config)
+    model = build_reward_model(tokenizer, spec["seed"], ws)
     counts = count_tokens(model)
     clock = common.StepClock()
     probe = _probe(spec, clock, model, tokenizer, data)
@@ -249,7 +257,7 @@ def run_trl(spec: dict) -> dict:
             max_length=spec["max_length"],
             center_rewards_coefficient=None,
             gradient_checkpointing=False,
-            bf16=False,
+            bf16=common.precision(spec)[1],
             fp16=False,
             use_cpu=True,
             seed=spec["seed"],
@@ -322,7 +330,7 @@ def main() -> None:
     p.add_argument("--target", type=float, help="accuracy for the time-to-target column")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds to repeat over (default --seed)")
     p.add_argument("--factors", nargs="*", default=[], choices=sorted(FACTORS))
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, both sides")
+    p.add_argument("--lr", type=float, help="AdamW learning rate, both sides (LR per --size)")
     args = p.parse_args()
     if args.worker:
         return common.worker_main(args, WORKERS)
@@ -331,6 +339,7 @@ def main() -> None:
         args.pairs, args.epochs, args.batch_size, args.max_length, val_pairs = QUICK[args.size]
     else:
         val_pairs = size_defaults(args)
+    args.lr = args.lr or LR[args.size]
     if args.prompt_tokens:  # room for the context (never truncated) and positions for it
         args.max_length = max(args.max_length, args.prompt_tokens + 128)
     steps = args.epochs * -(-args.pairs // args.batch_size)
@@ -339,7 +348,7 @@ def main() -> None:
     sides[at:at] = [f"ours_{name}" for name in args.factors]  # ours, ours_<factor>..., trl
     seeds = args.seeds or [args.seed]
     print(
-        f"RM throughput ({args.size}): {args.pairs} pairs x {args.epochs} epoch(s) = {steps} "
+        f"RM throughput ({args.size}, {args.precision}): {args.pairs} pairs x {args.epochs} epoch(s) = {steps} "
         f"steps of {args.batch_size} pairs (max length {args.max_length}), context "
         f"{args.prompt_tokens} tokens, shared prefix {args.shared_prefix}, {args.runs} run(s) "
         f"per side, {args.threads} thread(s), seeds {seeds}, held-out pairs {val_pairs}"
@@ -359,6 +368,7 @@ def main() -> None:
             "max_length": args.max_length,
             "prompt_tokens": args.prompt_tokens,
             "lr": args.lr,
+            "precision": args.precision,
             "weight_decay": 0.01,
             "warmup_steps": min(20, steps // 4),  # conf/rm/default
             "eval_every": args.eval_every,

