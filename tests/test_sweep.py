@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from helpers import TINY, TINY_MODEL, compose, train_cli
 
-from rlhf_lightning.sweep_report import main as report_main
 from rlhf_lightning.run import run
+from rlhf_lightning.sweep_report import main as report_main
 
 TINY_CLI = [o for o in TINY if not o.startswith("logger=")] + ["logger=wandb"]
 
