@@ -136,6 +136,15 @@ def test_last_resumes_every_stage_of_a_pipeline_from_its_own_checkpoint(tmp_path
     assert resolve_checkpoints(str(old), ["sft", "rm", "policy"], tmp_path / "x") == found
 
 
+def test_checkpoint_null_writes_no_checkpoint_and_still_saves_the_artifact(tmp_path):
+    """`checkpoint=null` (a SmolLM2 stage's last.ckpt is 1.6 GB): the run trains and saves its
+    artifact, and leaves no checkpoints/ behind."""
+    accuracy = run(cfg_in(["stage=rm", *TINY, "checkpoint=null"], tmp_path, "run"))
+    assert (tmp_path / ARTIFACT / "model.safetensors").exists()
+    assert accuracy > 0.5
+    assert not (tmp_path / "outputs" / "run" / "checkpoints").exists()
+
+
 def test_multirun_jobs_only_resume_from_their_own_directory(tmp_path):
     make_checkpoint(tmp_path / "sweep" / "0", "policy", 1_000)
     with pytest.raises(ConfigError, match="ckpt_path=last"):

@@ -232,7 +232,7 @@ def test_smollm2_through_every_stage_from_the_checkpoint(tmp_path, smollm2):
     run = [
         "model=smollm2", "stage=pipeline", "stage.stages=[rm,policy,dpo]", *data,
         "policy.reference=checkpoint", "dpo.reference=checkpoint",
-        "trainer.precision=bf16-mixed", "logger=csv", "callbacks=none",
+        "trainer.precision=bf16-mixed", "logger=csv", "callbacks=none", "checkpoint=null",
         "trainer.enable_progress_bar=false",
         "rm.batch_size=6", "rm.max_epochs=1", "rm.max_length=64", "rm.module.optimizer.lr=2e-5",
         "policy.steps=1", "policy.prompts_per_step=2", "algo.group_size=2",
