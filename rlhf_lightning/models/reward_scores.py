@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from rlhf_lightning.models.heads import agree, head_model, probing
-from rlhf_lightning.models.shared_prefix import can_share, shared_prefix_states
+from rlhf_lightning.models.shared_prefix import can_share, regroup, shared_prefix_states
 
 
 def reward_scores(
@@ -53,34 +53,6 @@ def reward_scores(
                 scores = _float_score(hf.score, h)  # in group order
                 return torch.empty_like(scores).index_put((groups.flatten(),), scores)
         return reward_scores_unchecked(hf, input_ids, attention_mask)
-
-
-def regroup(input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, groups: Tensor):
-    """Right-padded rows [N, T] laid out as `[left-padded prompt | right-padded response]` in
-    group order (row groups[g, j] at g·k + j): (ids, mask, prompt width Tp, response lengths [N]),
-    or None when the rows of a group do not share their prompt tokens."""
-    rows = groups.flatten()  # [N] in group order
-    ids, mask, response = input_ids[rows], attention_mask[rows], response_mask[rows].bool()
-    starts = response.long().argmax(-1)  # [N] prompt lengths (first response column)
-    lengths = mask.sum(-1) - starts  # [N] response tokens
-    k, width = groups.shape[1], int(starts.max())
-    first = starts.view(-1, k)
-    if not bool((first == first[:, :1]).all()):
-        return None
-    columns = torch.arange(width, device=ids.device)
-    prompt = ids[:, :width].masked_fill(columns >= starts[:, None], 0)  # [N, Tp]
-    grouped = prompt.view(-1, k, width)
-    if not bool((grouped == grouped[:, :1]).all()):
-        return None
-    span = int(lengths.max())
-    out = ids.new_zeros(len(rows), width + span)
-    out_mask = torch.zeros_like(out)
-    for i, (p, n) in enumerate(zip(starts.tolist(), lengths.tolist(), strict=True)):
-        out[i, width - p : width] = ids[i, :p]  # left-padded prompt
-        out_mask[i, width - p : width] = 1
-        out[i, width : width + n] = ids[i, p : p + n]  # right-padded response
-        out_mask[i, width : width + n] = 1
-    return out, out_mask, width, lengths
 
 
 def last_real_token(attention_mask: Tensor) -> Tensor:

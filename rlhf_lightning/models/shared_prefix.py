@@ -5,6 +5,8 @@ B = G·k rows and runs the responses against it, positions continuing the prompt
 states equal the plain pass's (checked once per model in float64 by `shared_prefix_is_exact`).
 `can_share` decides per call; where the path cannot be taken (activation checkpointing under
 grad, a model whose cache cannot be reused) it says so once (`fall_back`) and the plain pass runs.
+`regroup` lays right-padded rows that share a prompt (a preference pair, for the reward model and
+DPO) out as [left-padded prompt | right-padded responses], the layout `shared_prefix_states` takes.
 """
 
 from __future__ import annotations
@@ -44,6 +46,34 @@ def shared_prefix_states(hf, input_ids: Tensor, attention_mask: Tensor, k: int, 
     )
     last_prompt = first.last_hidden_state[:, -1:].repeat_interleave(k, dim=0)  # [B, 1, H]
     return torch.cat([last_prompt, second.last_hidden_state], dim=1)
+
+
+def regroup(input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, groups: Tensor):
+    """Right-padded rows [N, T] laid out as `[left-padded prompt | right-padded response]` in
+    group order (row groups[g, j] at g·k + j): (ids, mask, prompt width Tp, response lengths [N]),
+    or None when the rows of a group do not share their prompt tokens."""
+    rows = groups.flatten()  # [N] in group order
+    ids, mask, response = input_ids[rows], attention_mask[rows], response_mask[rows].bool()
+    starts = response.long().argmax(-1)  # [N] prompt lengths (first response column)
+    lengths = mask.sum(-1) - starts  # [N] response tokens
+    k, width = groups.shape[1], int(starts.max())
+    first = starts.view(-1, k)
+    if not bool((first == first[:, :1]).all()):
+        return None
+    columns = torch.arange(width, device=ids.device)
+    prompt = ids[:, :width].masked_fill(columns >= starts[:, None], 0)  # [N, Tp]
+    grouped = prompt.view(-1, k, width)
+    if not bool((grouped == grouped[:, :1]).all()):
+        return None
+    span = int(lengths.max())
+    out = ids.new_zeros(len(rows), width + span)
+    out_mask = torch.zeros_like(out)
+    for i, (p, n) in enumerate(zip(starts.tolist(), lengths.tolist(), strict=True)):
+        out[i, width - p : width] = ids[i, :p]  # left-padded prompt
+        out_mask[i, width - p : width] = 1
+        out[i, width : width + n] = ids[i, p : p + n]  # right-padded response
+        out_mask[i, width : width + n] = 1
+    return out, out_mask, width, lengths
 
 
 def left_zeros(tail: Tensor, columns: int) -> Tensor:

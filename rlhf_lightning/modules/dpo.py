@@ -5,7 +5,11 @@
 with ℓ the sigmoid (DPO), IPO or robust loss of `losses/dpo.py` (Rafailov et al. 2023,
 https://arxiv.org/abs/2305.18290). A sibling of `RewardModelModule`: one optimiser step per batch
 of pairs in micro-batches of pairs (`MicroBatchedModule`), chosen rows then rejected rows in one
-[2B, T] batch, log p(y|u) from `response_logprobs` (logits at response positions only).
+[2B, T] batch, log p(y|u) from `response_logprobs` (logits at response positions only). With
+`shared_prefix` a pair's prompt runs once for both responses (`reward_scores.regroup` lays each
+pair out as [left-padded prompt | responses], `shared_prefix.shared_prefix_states` runs the
+responses against the prompt's expanded KV cache): the same log-probs and gradients, fewer tokens
+(a SmolLM2 chat pair: ~45 prompt tokens, ~40 per response).
 
 The reference never changes, so with `precompute_ref_logprobs` its log p(y|u) of every training
 and validation pair is computed once before training (as TRL's `precompute_ref_log_probs`), under
@@ -35,7 +39,9 @@ from rlhf_lightning.generation.settings import GenerationSettings
 from rlhf_lightning.losses.dpo import DPO_LOSSES, dpo_loss, implicit_accuracy
 from rlhf_lightning.microbatch import chunked
 from rlhf_lightning.models.factory import train_without_dropout
+from rlhf_lightning.models.heads import position_ids
 from rlhf_lightning.models.logprobs import response_logprobs
+from rlhf_lightning.models.shared_prefix import regroup
 from rlhf_lightning.modules.pairs import PAIR_ROWS, PairUnits
 from rlhf_lightning.modules.supervised import MicroBatchedModule, trimmed
 
@@ -47,8 +53,9 @@ class DPOModule(PairUnits, MicroBatchedModule):
     adapter off). beta: β > 0. loss_type: sigmoid | ipo | robust. label_smoothing: ε (sigmoid:
     cDPO, robust: the assumed flip rate). margin: γ (sigmoid). precompute_ref_logprobs: score the
     reference once per pair. disable_dropout: train in eval mode, as TRL (so ρ = 0 at step 0).
-    forward_batch_size: pairs per no-grad reference pass. Micro-batching: `MicroBatchedModule`, a
-    unit a pair (`PairUnits`, carrying its `index`)."""
+    forward_batch_size: pairs per no-grad reference pass. shared_prefix: a pair's prompt once for
+    both responses (same numbers). Micro-batching: `MicroBatchedModule`, a unit a pair
+    (`PairUnits`, carrying its `index`)."""
 
     stage_name = "dpo"
     pair_columns = ("index",)
@@ -75,6 +82,7 @@ class DPOModule(PairUnits, MicroBatchedModule):
         micro_batch_size: int | None = None,
         max_tokens_per_micro_batch: int | None = None,
         max_grad_norm: float | None = None,
+        shared_prefix: bool = True,
     ):
         super().__init__(
             optimizer, scheduler, micro_batch_size, max_tokens_per_micro_batch, max_grad_norm
@@ -108,7 +116,7 @@ class DPOModule(PairUnits, MicroBatchedModule):
         """The loss terms of a [2B, T] pair batch: `losses.dpo.dpo_loss`'s keys, plus the
         implicit-reward accuracy and margin (means over the pairs)."""
         mask = self._response_mask(batch)  # [2B, T]
-        policy = self._sequence_logprobs(self.policy, batch, mask)  # [2B], with grad
+        policy = self._pair_logprobs(self.policy, batch, mask)  # [2B], with grad
         reference = self._reference_logprobs(batch, mask)  # [2B]
         lengths = mask.sum(-1).float()  # [2B]
         hp = self.hparams
@@ -195,9 +203,8 @@ class DPOModule(PairUnits, MicroBatchedModule):
         for start in range(0, len(mine), size):
             batch = collate(mine[start : start + size])
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            rows = torch.arange(2 * len(batch["index"]), device=self.device)
             with self._step_precision():  # the policy's precision: ρ = 0 at step 0 under bf16 too
-                values = self._chunked_reference(batch, self._response_mask(batch), rows)
+                values = self._pair_logprobs(self.reference, batch, self._response_mask(batch))
             table[batch["index"]] = values.double().view(2, -1).T  # [B, 2]
             scored[batch["index"]] = 1.0
         table, scored = all_reduce_sum(table), all_reduce_sum(scored)
@@ -231,11 +238,43 @@ class DPOModule(PairUnits, MicroBatchedModule):
         )
         return scores.logprobs.sum(-1)
 
+    def _pair_logprobs(self, model, batch: dict, mask: torch.Tensor) -> torch.Tensor:
+        """log p(y|u) [2B] of a pair batch (rows i and B + i a pair): with `shared_prefix` each
+        pair's prompt runs once (`regroup` + `shared_prefix_states`); pairs whose prompt tokens
+        differ (cut differently) or a model that cannot share take the plain pass."""
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        if self.hparams.shared_prefix and len(ids) % 2 == 0 and len(ids):
+            half = torch.arange(len(ids) // 2, device=ids.device)
+            groups = torch.stack([half, half + len(half)], dim=1)  # [B, 2]: chosen, rejected
+            regrouped = regroup(ids, attention, batch["response_mask"], groups)
+            if regrouped is not None:
+                ids, attention, width, _ = regrouped
+                columns = torch.arange(ids.shape[1], device=ids.device)
+                response = attention * (columns >= width)  # [2B, Tp + Tr] in pair order
+                allowed = self.generation.allowed_token_ids
+                if allowed is not None:  # as `_response_mask`
+                    response = response * torch.isin(ids, allowed.to(ids.device))
+                scores = response_logprobs(
+                    model,
+                    ids,
+                    attention,
+                    response,
+                    self.generation.temperature,
+                    allowed,
+                    position_ids=position_ids(attention),  # left-padded prompts
+                    shared_prefix=(2, width),
+                )
+                values = scores.logprobs.sum(-1)  # pair order: chosen₀, rejected₀, chosen₁, …
+                return torch.empty_like(values).index_put((groups.flatten(),), values)
+        return self._sequence_logprobs(model, batch, mask)
+
     def _reference_logprobs(self, batch: dict, mask: torch.Tensor) -> torch.Tensor:
         """log p_ref(y|u) [2B]: from the table by pair index where scored, else computed."""
         table, index = self.reference_table, batch.get("index")
         if table is None or index is None:
             with torch.no_grad():
+                if not self.forward_batch_size or len(mask) <= 2 * self.forward_batch_size:
+                    return self._pair_logprobs(self.reference, batch, mask)
                 return self._chunked_reference(batch, mask, torch.arange(len(mask)))
         table, index = table.to(mask.device), index.to(mask.device)
         known = index < len(table)
