@@ -85,6 +85,7 @@ def run_ours(spec: dict) -> dict:
         beta=BETA,
         precompute_ref_logprobs=spec["precompute"],
         forward_batch_size=spec["batch_size"],
+        shared_prefix=spec.get("shared_prefix", True),
     )
     datamodule = PreferenceDataModule(
         data, tokenizer, batch_size=spec["batch_size"], max_length=spec["max_length"], seed=0
@@ -172,6 +173,12 @@ def main() -> None:
     p.add_argument("--max-length", type=int, help="tokens per sequence (tiny 128, smollm2 512)")
     p.add_argument("--lr", type=float, help="AdamW learning rate (tiny 5e-4, smollm2 1e-6)")
     p.add_argument("--reference", choices=sorted(REFERENCE), default="both")
+    p.add_argument(
+        "--no-shared-prefix",
+        dest="shared_prefix",
+        action="store_false",
+        help="ours: a pair's prompt twice (dpo.shared_prefix=false), as before it was shared",
+    )
     args = p.parse_args()
     if args.worker:
         return common.worker_main(args, WORKERS)
@@ -199,11 +206,13 @@ def main() -> None:
             "precision": args.precision,
             "warmup_steps": min(10, steps // 4),
             "precompute": precompute,
+            "shared_prefix": args.shared_prefix,  # ours only: TRL runs every prompt twice
         }
         print(
             f"DPO throughput ({args.size}, {args.precision}): {args.pairs} pairs x {args.epochs} epoch(s) = {steps} steps of "
             f"{args.batch_size} pairs (max length {args.max_length}), reference precomputed: "
-            f"{precompute}, {args.runs} run(s) per side, {args.threads} thread(s)"
+            f"{precompute}, ours sharing prompts: {args.shared_prefix}, {args.runs} run(s) per side, "
+            f"{args.threads} thread(s)"
         )
         results = common.measure(SCRIPT, args, sides, spec, WORKERS, args.runs)
         med = {s: {k: common.median(r, k) for k in r[0]} for s, r in results.items()}
