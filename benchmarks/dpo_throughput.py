@@ -13,10 +13,12 @@ steady steps (after `warmup` steps); the one-off reference pass is in `setup s` 
 `--size smollm2`: both sides train SmolLM2-135M-Instruct (the reference a copy) on chat pairs of
 its own samples (`common.prepare_chat_workspace`), 8 steps of 8 pairs at lr 1e-6 by default.
 `--precision bf16`: our `bf16-mixed`, TRL's `bf16=True`. `--reference precomputed|every-step`
-measures one of the two settings (default both).
+measures one of the two settings (default both). `--shared-prefix on|off|both`: our side with a
+pair's prompt run once (dpo.shared_prefix, the default), without it (side `ours_plain`), or both.
 
     python benchmarks/dpo_throughput.py [--quick] [--size tiny|medium|smollm2] [--runs N]
         [--pairs P] [--epochs E] [--precision fp32|bf16] [--reference both|precomputed|every-step]
+        [--shared-prefix on|off|both]
 """
 
 from __future__ import annotations
@@ -108,6 +110,11 @@ def run_ours(spec: dict) -> dict:
     return _result(spec, clock, clock.started - start, time.perf_counter() - start)
 
 
+def run_ours_plain(spec: dict) -> dict:
+    """Our side without the shared prompt pass (--shared-prefix off/both): a pair's prompt twice."""
+    return run_ours({**spec, "shared_prefix": False})
+
+
 def run_trl(spec: dict) -> dict:
     """`trl.DPOTrainer` + `DPOConfig`: the same model init, the same pairs (TRL format)."""
     from datasets import Dataset
@@ -162,7 +169,12 @@ def run_trl(spec: dict) -> dict:
     return _result(spec, clock, clock.started - start, time.perf_counter() - start)
 
 
-WORKERS = {"ours": run_ours, "trl": run_trl, "prepare": common.prepare_worker}
+WORKERS = {
+    "ours": run_ours,
+    "ours_plain": run_ours_plain,
+    "trl": run_trl,
+    "prepare": common.prepare_worker,
+}
 
 
 def main() -> None:
@@ -173,12 +185,6 @@ def main() -> None:
     p.add_argument("--max-length", type=int, help="tokens per sequence (tiny 128, smollm2 512)")
     p.add_argument("--lr", type=float, help="AdamW learning rate (tiny 5e-4, smollm2 1e-6)")
     p.add_argument("--reference", choices=sorted(REFERENCE), default="both")
-    p.add_argument(
-        "--no-shared-prefix",
-        dest="shared_prefix",
-        action="store_false",
-        help="ours: a pair's prompt twice (dpo.shared_prefix=false), as before it was shared",
-    )
     args = p.parse_args()
     if args.worker:
         return common.worker_main(args, WORKERS)
@@ -191,7 +197,7 @@ def main() -> None:
     held_out = 64 if args.size != "smollm2" else 8  # (DPO reports no held-out metric)
     settings = common.task_settings(args.pairs, held_out, args.seed)
     steps = args.epochs * -(-args.pairs // args.batch_size)
-    sides = ["ours"] + ([] if args.ours_only or not common.has_trl() else ["trl"])
+    sides = common.our_sides(args)  # --shared-prefix on|off|both: ours, ours_plain
     ws = common.workspace_for(args, settings)
     payload = {}
     for precompute in REFERENCE[args.reference]:
@@ -206,13 +212,11 @@ def main() -> None:
             "precision": args.precision,
             "warmup_steps": min(10, steps // 4),
             "precompute": precompute,
-            "shared_prefix": args.shared_prefix,  # ours only: TRL runs every prompt twice
         }
         print(
             f"DPO throughput ({args.size}, {args.precision}): {args.pairs} pairs x {args.epochs} epoch(s) = {steps} steps of "
             f"{args.batch_size} pairs (max length {args.max_length}), reference precomputed: "
-            f"{precompute}, ours sharing prompts: {args.shared_prefix}, {args.runs} run(s) per side, "
-            f"{args.threads} thread(s)"
+            f"{precompute}, {args.runs} run(s) per side, {args.threads} thread(s)"
         )
         results = common.measure(SCRIPT, args, sides, spec, WORKERS, args.runs)
         med = {s: {k: common.median(r, k) for k in r[0]} for s, r in results.items()}
