@@ -265,6 +265,9 @@ def test_smollm2_through_every_stage_from_the_checkpoint(tmp_path, smollm2):
     report = json.loads(next((root / "outputs" / "eval").glob("*/eval.json")).read_text())
     assert report["checkpoints"]["reference"] == smollm2  # the reference its manifest names
     assert report["sides"]["reference"]["kl"]["mean"] == 0.0
+    samples = (next((root / "outputs" / "eval").glob("*/samples.jsonl"))).read_text().splitlines()
+    for line in samples:  # the prompts as training rendered them: SmolLM2's own chat template
+        assert json.loads(line)["prompt"].startswith("<|im_start|>system\n"), line
 
 
 def test_rm_speed_options_keep_the_float32_score_path_on_smollm2(spec, tokenizer):

@@ -197,3 +197,36 @@ def test_malformed_file_fails_with_file_and_row(pairs, tmp_path):
     assert lines[0].startswith(f"error: {path}:row 3: ")
     assert "'chosen'" in lines[0] and "fix:" in lines[0]
     assert not (tmp_path / "artifacts" / "custom" / "rm").exists()
+
+
+def test_conversational_rows_render_with_the_tokenizer_they_are_loaded_with(tmp_path):
+    """Rows read once without a tokenizer (the default template) are not handed to a caller that
+    passes one (eval.py read SmolLM2's prompts through the default template: another input than
+    the policy and the reward model were trained on)."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from rlhf_lightning.data.spec import FileData
+    from rlhf_lightning.evaluate.context import EvalContext
+
+    path = tmp_path / "chat.jsonl"
+    row = {
+        "prompt": [{"role": "user", "content": "Say hi."}],
+        "chosen": [{"role": "assistant", "content": "Hi!"}],
+        "rejected": [{"role": "assistant", "content": "No."}],
+    }
+    path.write_text(json.dumps(row) + "\n")
+    tokenizer = build_tokenizer(["Say hi. Hi! No."] * 4, 300)  # given a template of its own
+    tokenizer.chat_template = (
+        "{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<<assistant>>{% endif %}"
+    )
+    data = FileData(str(path), val_path=str(path))
+    default = data.load("prompts", "eval").records[0].prompt
+    ours = data.load("prompts", "eval", tokenizer).records[0].prompt
+    assert ours == "<<user>>Say hi.<<assistant>>" and default != ours
+    ctx = SimpleNamespace(data=data, task=None, tokenizer=tokenizer)
+    ctx.cfg = OmegaConf.create({"prompts": None, "pairs": None, "n_prompts": None})
+    assert EvalContext.prompts(ctx) == [ours]  # eval.py: the policy's template
+    assert EvalContext.pairs(ctx, tokenizer)[0].prompt == ours  # mode=rm: the RM's template

@@ -60,7 +60,9 @@ class GoldAccuracyCallback(L.Callback):
             gold = gold_reward(trainer)
             if gold is None:
                 return None
-            records = trainer.datamodule.data.load("prefs", "val").records[: self.n_pairs]
+            datamodule = trainer.datamodule  # the pairs as its val loader rendered them
+            records = datamodule.data.load("prefs", "val", datamodule.tokenizer).records
+            records = records[: self.n_pairs]
             prompts = [r.prompt for r in records]
             margin = (
                 torch.as_tensor(gold(prompts, [r.chosen for r in records])).float()

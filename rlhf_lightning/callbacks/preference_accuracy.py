@@ -133,7 +133,8 @@ class PreferenceAccuracyCallback(EvalCallback):
                     "PreferenceAccuracyCallback needs the run's data (trainer.datamodule.data) for "
                     "its held-out preference pairs; run with callbacks=none otherwise"
                 )
-            records = data.load("prefs", "val").records[: self.n_pairs]
+            tokenizer = getattr(trainer.datamodule, "tokenizer", None)  # the run's chat template
+            records = data.load("prefs", "val", tokenizer).records[: self.n_pairs]
             self._pairs = (
                 [r.prompt for r in records],
                 [r.chosen for r in records],

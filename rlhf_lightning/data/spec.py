@@ -19,6 +19,15 @@ from rlhf_lightning.tasks.base import Task
 _LOADERS = {"prefs": load_preferences, "sft": load_sft, "prompts": load_prompts}
 
 
+def rendering(tokenizer) -> tuple | None:
+    """What decides how a conversational row renders: the tokenizer's chat template and the
+    special tokens a template may write (None: no tokenizer, the default template)."""
+    if tokenizer is None:
+        return None
+    names = ("chat_template", "bos_token", "eos_token")
+    return tuple(str(getattr(tokenizer, name, None)) for name in names)
+
+
 class DataSpec:
     """Common interface: `load(kind, split)` with kind in prefs|sft|prompts."""
 
@@ -28,10 +37,13 @@ class DataSpec:
     def __init__(self, on_bad_row: str = "error", max_chars: int | None = None):
         self.on_bad_row = on_bad_row
         self.max_chars = max_chars
-        self._cache: dict[tuple[str, str], LoadReport] = {}
+        self._cache: dict[tuple, LoadReport] = {}
 
     def load(self, kind: str, split: str, tokenizer=None) -> LoadReport:
-        key = (kind, split)
+        """The rows of `kind` for `split`; conversational rows rendered with `tokenizer`'s chat
+        template (None: `data.chat.DEFAULT_CHAT_TEMPLATE`). Cached per rendering, so rows read
+        once without a tokenizer are never handed to a caller that passes one."""
+        key = (kind, split, rendering(tokenizer))
         if key not in self._cache:
             self._cache[key] = self._load(kind, split, tokenizer)
             if self._cache[key].skipped:

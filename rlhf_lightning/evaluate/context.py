@@ -102,28 +102,35 @@ class EvalContext:
         return LearnedReward(normalise=False, max_length=self.cfg.rm_max_length).setup(self)
 
     def prompts(self) -> list[str]:
-        """The prompts to evaluate on: `prompts=FILE`, else the data's held-out prompts."""
+        """The prompts to evaluate on: `prompts=FILE`, else the data's held-out prompts;
+        conversational ones rendered with the policy's chat template (as training rendered them)."""
         from rlhf_lightning.data.records import load_prompts
 
-        source = self.cfg.prompts
+        source, tokenizer = self.cfg.prompts, self.tokenizer
         if source:
-            records = load_prompts(source, on_bad_row=self.cfg.data.on_bad_row).records
+            records = load_prompts(
+                source, tokenizer=tokenizer, on_bad_row=self.cfg.data.on_bad_row
+            ).records
         else:
-            records = self.data.load("prompts", "eval").records
+            records = self.data.load("prompts", "eval", tokenizer).records
         prompts = [r.prompt for r in records][: self.cfg.n_prompts or None]
         if not prompts:
             raise DataError("no prompts to evaluate on", where=str(source or self.data.name))
         return prompts
 
-    def pairs(self) -> list:
+    def pairs(self, tokenizer) -> list:
         """Preference pairs of `mode=rm`: `pairs=FILE`, else the task's test split (data=jsonl:
-        the held-out pairs of data.path)."""
+        the held-out pairs of data.path); conversational ones rendered with `tokenizer`'s chat
+        template (the reward model's: as its training rendered them)."""
         from rlhf_lightning.data.records import load_preferences
 
         if self.cfg.pairs:
-            return load_preferences(self.cfg.pairs, on_bad_row=self.cfg.data.on_bad_row).records
+            on_bad_row = self.cfg.data.on_bad_row
+            return load_preferences(
+                self.cfg.pairs, tokenizer=tokenizer, on_bad_row=on_bad_row
+            ).records
         split = "test" if self.task is not None else "val"
-        return self.data.load("prefs", split).records
+        return self.data.load("prefs", split, tokenizer).records
 
     def label_temperature(self) -> float | None:
         """τ of the task's Bradley–Terry labels (card.json), for the Bayes ceiling."""

@@ -30,7 +30,7 @@ def evaluate_reward_model(ctx: EvalContext) -> dict:
     """Everything `mode=rm` reports (JSON-ready)."""
     cfg = ctx.cfg
     judge = ctx.reward_model()
-    pairs = ctx.pairs()
+    pairs = ctx.pairs(judge.tokenizer)  # rendered with the RM's own chat template
     prompts = [p.prompt for p in pairs]
     print(
         f"[eval] scoring {len(pairs)} preference pairs with the reward model at {judge.path or ctx.artifact('rm')}"
