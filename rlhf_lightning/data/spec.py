@@ -38,6 +38,7 @@ class DataSpec:
         self.on_bad_row = on_bad_row
         self.max_chars = max_chars
         self._cache: dict[tuple, LoadReport] = {}
+        self._reported: set[tuple[str, str]] = set()
 
     def load(self, kind: str, split: str, tokenizer=None) -> LoadReport:
         """The rows of `kind` for `split`; conversational rows rendered with `tokenizer`'s chat
@@ -46,7 +47,8 @@ class DataSpec:
         key = (kind, split, rendering(tokenizer))
         if key not in self._cache:
             self._cache[key] = self._load(kind, split, tokenizer)
-            if self._cache[key].skipped:
+            if self._cache[key].skipped and (kind, split) not in self._reported:
+                self._reported.add((kind, split))  # said once, whichever rendering read it first
                 print(f"[data] {self._cache[key].summary()}")
         return self._cache[key]
 
