@@ -6,7 +6,7 @@ with ℓ the sigmoid (DPO), IPO or robust loss of `losses/dpo.py` (Rafailov et a
 https://arxiv.org/abs/2305.18290). A sibling of `RewardModelModule`: one optimiser step per batch
 of pairs in micro-batches of pairs (`MicroBatchedModule`), chosen rows then rejected rows in one
 [2B, T] batch, log p(y|u) from `response_logprobs` (logits at response positions only). With
-`shared_prefix` a pair's prompt runs once for both responses (`reward_scores.regroup` lays each
+`shared_prefix` a pair's prompt runs once for both responses (`shared_prefix.regroup` lays each
 pair out as [left-padded prompt | responses], `shared_prefix.shared_prefix_states` runs the
 responses against the prompt's expanded KV cache): the same log-probs and gradients, fewer tokens
 (a SmolLM2 chat pair: ~45 prompt tokens, ~40 per response).
@@ -220,10 +220,12 @@ class DPOModule(PairUnits, MicroBatchedModule):
     def _response_mask(self, batch: dict) -> torch.Tensor:
         """Response positions that are part of the response space: with allowed ids (an
         enumerable task) a token outside them (the EOS after a fixed-length response) is not."""
-        mask = batch["response_mask"]
+        return self._in_response_space(batch["input_ids"], batch["response_mask"])
+
+    def _in_response_space(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         allowed = self.generation.allowed_token_ids
         if allowed is not None:
-            mask = mask * torch.isin(batch["input_ids"], allowed.to(mask.device))
+            mask = mask * torch.isin(ids, allowed.to(mask.device))
         return mask
 
     def _sequence_logprobs(self, model, batch: dict, mask: torch.Tensor) -> torch.Tensor:
@@ -250,17 +252,14 @@ class DPOModule(PairUnits, MicroBatchedModule):
             if regrouped is not None:
                 ids, attention, width, _ = regrouped
                 columns = torch.arange(ids.shape[1], device=ids.device)
-                response = attention * (columns >= width)  # [2B, Tp + Tr] in pair order
-                allowed = self.generation.allowed_token_ids
-                if allowed is not None:  # as `_response_mask`
-                    response = response * torch.isin(ids, allowed.to(ids.device))
+                response = self._in_response_space(ids, attention * (columns >= width))
                 scores = response_logprobs(
                     model,
                     ids,
                     attention,
-                    response,
+                    response,  # [2B, Tp + Tr] in pair order
                     self.generation.temperature,
-                    allowed,
+                    self.generation.allowed_token_ids,
                     position_ids=position_ids(attention),  # left-padded prompts
                     shared_prefix=(2, width),
                 )
