@@ -19,6 +19,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf_lightning.callbacks.progress import progress_bar
 from rlhf_lightning.config import validate
 from rlhf_lightning.data.spec import DataSpec
 from rlhf_lightning.distributed import is_rank_zero
@@ -91,6 +92,8 @@ class RunContext:
         else:
             dirpath = checkpoint_dir(self.output_dir, stage)  # checkpoints/<stage>/last.ckpt
             checkpoints = [instantiate(self.cfg.checkpoint, dirpath=str(dirpath))]
+        if self.cfg.trainer.get("enable_progress_bar", True):
+            callbacks.append(progress_bar())  # "Epoch 0 · ≤ 60 steps", not Lightning's "0/-2"
         trainer = instantiate(
             self.cfg.trainer,
             callbacks=[RNGState(), *callbacks, *checkpoints],  # RNG first: see RNGState

@@ -307,6 +307,28 @@ def test_run_keeps_each_callback_in_its_stages(tmp_path):
     assert "LearningRateMonitor" in names["rm"] and "LearningRateMonitor" in names["policy"]
 
 
+
+def test_progress_bar_describes_a_run_bounded_by_steps(tmp_path):
+    """Lightning's rich bar prints max_epochs = -1 (the policy stage) as "Epoch 0/-2"."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from rlhf_lightning.callbacks.progress import StageRichProgressBar
+    from rlhf_lightning.run import RunContext
+
+    ctx = RunContext(compose(["logger=none"], tmp_path))
+
+    def description(**length) -> str:
+        trainer = ctx.trainer("policy", **length)
+        bars = [c for c in trainer.callbacks if isinstance(c, ProgressBar)]
+        assert len(bars) == 1 and isinstance(bars[0], StageRichProgressBar)
+        ProgressBar.setup(bars[0], trainer, None, "fit")  # what fit does first: the bar's trainer
+        return bars[0]._get_train_description(trainer.current_epoch)
+
+    assert description(max_steps=60).startswith("Epoch 0 · ≤ 60 steps")
+    assert description(max_epochs=2).startswith("Epoch 0/1")
+    quiet = RunContext(compose(["logger=none", "trainer.enable_progress_bar=false"], tmp_path))
+    assert not any(isinstance(c, ProgressBar) for c in quiet.trainer("rm").callbacks)
+
 @pytest.mark.slow
 def test_wandb_offline_history_has_every_key(oracle, tmp_path, monkeypatch):
     import wandb
