@@ -268,7 +268,10 @@ def test_eval_cli_reports_policy_against_sft(trained):
     ):
         assert policy[key]["lo"] <= policy[key]["mean"] <= policy[key]["hi"], key
     assert result["sides"]["reference"]["kl"]["mean"] == 0.0  # KL of the reference to itself
-    assert result["best_of_n"]["n_samples"] <= 8 and result["best_of_n"]["curve"]
+    bon = result["best_of_n"]
+    assert bon["n_samples"] <= 8 and bon["curve"]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("[eval] best-of-n baseline"))
+    assert f"({bon['n_samples'] * bon['n_prompts']} samples, ~" in line and "samples/s" in line
     for name in ("eval.md", "samples.jsonl", "win_rates.png", "reward_kl.png", "rewards.png"):
         assert (run_dir / name).stat().st_size > 0, name
     history = read_wandb_history(run_dir)

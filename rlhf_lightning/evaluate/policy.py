@@ -13,6 +13,7 @@ must beat (KL_bon(n) = log n − (n − 1)/n, `analysis.overoptimisation`).
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -47,7 +48,9 @@ def evaluate_policy(ctx: EvalContext) -> dict:
         reward=judges[proxy_name],
     )
     prompts, k = ctx.prompts(), cfg.samples_per_prompt
+    start = time.perf_counter()
     sides = _sample_sides(ctx, module, models, prompts, judges)
+    rate = len(models) * len(prompts) * k / (time.perf_counter() - start)  # samples/s, scored
     groups = stats.group_ids(sides["policy"]["prompts"])  # [R·k] cluster = prompt text
     boot = dict(n_resamples=cfg.bootstrap.n_resamples, seed=cfg.bootstrap.seed)
     need_end = generation.min_new_tokens < generation.max_new_tokens
@@ -73,7 +76,7 @@ def evaluate_policy(ctx: EvalContext) -> dict:
     if cfg.best_of_n.enabled:
         kl = result["sides"]["policy"].get("kl_exact", result["sides"]["policy"]["kl"])["mean"]
         policy = sides["policy"]
-        result["best_of_n"] = _best_of_n(ctx, module, policy, judges, proxy_name, kl, boot)
+        result["best_of_n"] = _best_of_n(ctx, module, policy, judges, proxy_name, kl, boot, rate)
     result["samples"] = _samples_table(sides, k, cfg.n_show)
     result["per_sample"] = {  # every sample, for samples.jsonl and the histograms
         role: {
@@ -203,12 +206,13 @@ def _exact(exact, model) -> dict:
     }
 
 
-def _best_of_n(ctx, module, policy, judges, proxy_name, kl, boot) -> dict:
+def _best_of_n(ctx, module, policy, judges, proxy_name, kl, boot, rate: float) -> dict:
     """Best-of-n from the reference, ranked by the proxy, at the n whose KL is nearest the policy's,
     against the policy on the same prompts (paired by prompt).
 
     N (samples per prompt) is the smallest power of two with KL_bon(N) ≥ the policy's KL, at most
-    `best_of_n.max_samples`, on the first `best_of_n.n_prompts` distinct prompts."""
+    `best_of_n.max_samples`, on the first `best_of_n.n_prompts` distinct prompts. `rate`: samples/s
+    of this run's sides, for the time the baseline will take (printed before it starts)."""
     cfg = ctx.cfg.best_of_n
     n_max = 2
     while best_of_n_kl(n_max) < kl and n_max < cfg.max_samples:
@@ -216,7 +220,12 @@ def _best_of_n(ctx, module, policy, judges, proxy_name, kl, boot) -> dict:
     n_max = min(n_max, cfg.max_samples)
     distinct = list(dict.fromkeys(policy["prompts"]))[: cfg.n_prompts]
     seeds = sample_seeds(ctx.cfg.seed, BEST_OF_N_STREAM, range(len(distinct)), n_max)
-    print(f"[eval] best-of-n baseline: {n_max} reference samples for {len(distinct)} prompts")
+    total = n_max * len(distinct)
+    print(
+        f"[eval] best-of-n baseline: {n_max} reference samples for each of {len(distinct)} prompts "
+        f"({total} samples, ~{total / rate / 60:.0f} min at the sides' {rate:.1f} samples/s; "
+        "best_of_n.enabled=false skips it, best_of_n.max_samples caps N)"
+    )
     out = sample_and_score(
         module, module.reference, distinct, n_max, None, ctx.cfg.batch_size, seeds
     )
