@@ -307,7 +307,6 @@ def test_run_keeps_each_callback_in_its_stages(tmp_path):
     assert "LearningRateMonitor" in names["rm"] and "LearningRateMonitor" in names["policy"]
 
 
-
 def test_progress_bar_describes_a_run_bounded_by_steps(tmp_path):
     """Lightning's rich bar prints max_epochs = -1 (the policy stage) as "Epoch 0/-2"."""
     from lightning.pytorch.callbacks import ProgressBar
@@ -328,6 +327,7 @@ def test_progress_bar_describes_a_run_bounded_by_steps(tmp_path):
     assert description(max_epochs=2).startswith("Epoch 0/1")
     quiet = RunContext(compose(["logger=none", "trainer.enable_progress_bar=false"], tmp_path))
     assert not any(isinstance(c, ProgressBar) for c in quiet.trainer("rm").callbacks)
+
 
 @pytest.mark.slow
 def test_wandb_offline_history_has_every_key(oracle, tmp_path, monkeypatch):
