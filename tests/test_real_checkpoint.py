@@ -346,3 +346,60 @@ def test_a_copy_of_smollm2_whose_generation_config_sets_sampling_settings_sample
     assert model.generation_config.top_k == 3  # the copy's settings were read, and ignored
     for a, b in zip(draws[0][:4], draws[1][:4], strict=True):
         assert torch.equal(a, b)
+
+
+def test_preference_accuracy_scores_each_pairs_prompt_once_on_smollm2(
+    spec, tokenizer, capsys, monkeypatch
+):
+    """The policy stage's PreferenceAccuracyCallback scores chosen and rejected with the pair's
+    prompt run once (`pair_logprobs`): the sums of the plain pass, response by response, to fp32
+    round-off over 30 layers; pairs cut differently at max_length take the plain pass."""
+    from rlhf_lightning.callbacks.preference_accuracy import pair_logprobs
+    from rlhf_lightning.data.batching import pad, truncate
+    from rlhf_lightning.data.encoding import encode_prompt, encode_response
+    from rlhf_lightning.generation.settings import GenerationSettings
+
+    model = spec.causal_lm(tokenizer).eval()
+    generation = GenerationSettings(max_new_tokens=48, temperature=0.7)
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        for q in ("Describe a quiet morning.", "Name a fruit.", "Thank the baker.")
+    ]
+    chosen = ["It was calm and the light was soft.", "An apple.", "Thank you for the bread!"]
+    rejected = ["Mornings.", "A pear, ripe and sweet, from the tree.", "ok"]
+
+    def plain(responses, max_length):  # one sequence at a time, nothing shared
+        sums = []
+        for u, y in zip(prompts, responses, strict=True):
+            p, r = truncate(
+                encode_prompt(tokenizer, u),
+                encode_response(tokenizer, y, eos=True),
+                max_length,
+                tokenizer.eos_token_id,
+            )
+            ids, mask = pad([p + r], tokenizer.pad_token_id)
+            response = torch.tensor([[0] * len(p) + [1] * len(r)])
+            scores = L.forward_logprobs(model, ids, mask, response, generation.temperature)
+            sums.append(float(scores.logprobs.sum()))
+        return torch.tensor(sums)
+
+    calls = []
+    original = S.shared_prefix_states
+    monkeypatch.setattr(
+        S, "shared_prefix_states", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    with torch.no_grad():
+        ours = pair_logprobs(model, tokenizer, prompts, chosen, rejected, generation, 256, 4)
+        assert len(calls) >= 2  # batches of 2 pairs: both shared (the probe adds its own)
+        assert "[shared-prefix]" not in capsys.readouterr().out
+        for got, responses in zip(ours, (chosen, rejected), strict=True):
+            torch.testing.assert_close(got, plain(responses, 256), atol=2e-3, rtol=0)
+        # a pair's sides cut to different prompt tails (prompt ~46 tokens + responses of
+        # different lengths > 40): the plain pass, the same sums
+        calls.clear()
+        cut = pair_logprobs(model, tokenizer, prompts, chosen, rejected, generation, 40, 6)
+        assert calls == []
+        for got, responses in zip(cut, (chosen, rejected), strict=True):
+            torch.testing.assert_close(got, plain(responses, 40), atol=2e-3, rtol=0)

@@ -25,6 +25,7 @@ from rlhf_lightning.data.encoding import encode_prompt, encode_response
 from rlhf_lightning.errors import ConfigError
 from rlhf_lightning.generation.settings import GenerationSettings
 from rlhf_lightning.models.logprobs import forward_logprobs
+from rlhf_lightning.models.shared_prefix import regroup
 
 
 def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
@@ -32,50 +33,86 @@ def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
     return float(((chosen > rejected).double() + 0.5 * (chosen == rejected).double()).mean())
 
 
-def response_logprobs(
-    model,
-    tokenizer,
-    prompts: list[str],
-    responses: list[str],
-    generation: GenerationSettings,
-    max_length: int = 256,
-    batch_size: int = 64,
-) -> torch.Tensor:
-    """log p(y|u) = Σ_t log p(y_t | u, y_<t) of each (prompt, response), [B] float32 on CPU.
-
-    Encoded as every stage does (`[bos] + prompt`, `response [+ eos]`); EOS is appended only when
-    the policy can sample it (not for fixed-length or allowed-token responses that exclude it).
-    """
+def _encoded(tokenizer, prompt: str, response: str, generation, max_length: int):
+    """(prompt ids, response ids) as every stage encodes them (`[bos] + prompt`, `response
+    [+ eos]`), cut to `max_length`; EOS is appended only when the policy can sample it (not for
+    fixed-length or allowed-token responses that exclude it)."""
     eos_id = tokenizer.eos_token_id
     allowed = generation.allowed_token_ids
     can_end = generation.min_new_tokens < generation.max_new_tokens and (
         allowed is None or bool((allowed == eos_id).any())
     )
-    rows, masks = [], []
-    for prompt, response in zip(prompts, responses, strict=True):
-        p, r = truncate(
-            encode_prompt(tokenizer, prompt),
-            encode_response(tokenizer, response, eos=can_end),
-            max_length,
-            eos_id,
-        )
-        rows.append(p + r)
-        masks.append([0] * len(p) + [1] * len(r))
+    return truncate(
+        encode_prompt(tokenizer, prompt),
+        encode_response(tokenizer, response, eos=can_end),
+        max_length,
+        eos_id,
+    )
+
+
+def pair_logprobs(
+    model,
+    tokenizer,
+    prompts: list[str],
+    chosen: list[str],
+    rejected: list[str],
+    generation: GenerationSettings,
+    max_length: int = 256,
+    batch_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(y⁺|u), log p(y⁻|u) [B] float32 on CPU, each pair's prompt run once for both sides
+    (`regroup` + `response_logprobs(shared_prefix=(2, Tp))`, as DPO scores a pair); a batch whose
+    pairs were cut differently, or a model that cannot share, takes the plain pass: the same sums
+    to round-off. batch_size: sequences per forward pass (two per pair)."""
     device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(rows), batch_size):
-        ids, attention = pad(rows[start : start + batch_size], tokenizer.pad_token_id)  # [b, T]
-        response_mask, _ = pad(masks[start : start + batch_size], 0)  # [b, T]
-        logprobs, _, _ = forward_logprobs(
-            model,
-            ids.to(device),
-            attention.to(device),
-            response_mask.to(device),
-            generation.temperature,
-            generation.allowed_token_ids,
-        )
-        out.append(logprobs.sum(-1).float().cpu())  # [b]
-    return torch.cat(out)
+    pairs = max(1, batch_size // 2)
+    out_chosen, out_rejected = [], []
+    for start in range(0, len(prompts), pairs):
+        stop = start + pairs
+        rows = [
+            _encoded(tokenizer, u, y, generation, max_length)
+            for side in (chosen, rejected)
+            for u, y in zip(prompts[start:stop], side[start:stop], strict=True)
+        ]  # [2b]: chosen rows, then rejected rows
+        ids, attention, response_mask = (t.to(device) for t in _right_padded(rows, tokenizer))
+        half = torch.arange(len(rows) // 2, device=device)
+        groups = torch.stack([half, half + len(half)], dim=1)  # [b, 2]: chosen, rejected
+        regrouped = regroup(ids, attention, response_mask, groups)
+        if regrouped is None:  # prompts cut differently: the plain pass
+            logprobs, _, _ = forward_logprobs(
+                model,
+                ids,
+                attention,
+                response_mask,
+                generation.temperature,
+                generation.allowed_token_ids,
+            )
+            values = logprobs.sum(-1)
+        else:
+            ids, attention, width, _ = regrouped
+            columns = torch.arange(ids.shape[1], device=device)
+            scores = forward_logprobs(
+                model,
+                ids,
+                attention,
+                attention * (columns >= width),  # [2b, Tp + Tr] in pair order
+                generation.temperature,
+                generation.allowed_token_ids,
+                shared_prefix=(2, width),
+            )
+            pair_order = scores.logprobs.sum(-1)  # chosen₀, rejected₀, chosen₁, …
+            values = torch.empty_like(pair_order).index_put((groups.flatten(),), pair_order)
+        values = values.float().cpu()
+        out_chosen.append(values[: len(half)])
+        out_rejected.append(values[len(half) :])
+    return torch.cat(out_chosen), torch.cat(out_rejected)
+
+
+def _right_padded(encoded: list[tuple[list[int], list[int]]], tokenizer):
+    """ids, attention mask and response mask [b, T] of (prompt, response) id lists."""
+    ids, attention = pad([p + r for p, r in encoded], tokenizer.pad_token_id)
+    response_mask, _ = pad([[0] * len(p) + [1] * len(r) for p, r in encoded], 0)
+    return ids, attention, response_mask
 
 
 class PreferenceAccuracyCallback(EvalCallback):
@@ -104,19 +141,12 @@ class PreferenceAccuracyCallback(EvalCallback):
         rm_accuracy = self.rm_accuracy(module, prompts, chosen, rejected)
         if rm_accuracy is not None:
             scalars["eval/rm_accuracy"] = rm_accuracy
-        score = self._scorer(module, prompts)
         if self._reference_logprobs is None:  # the reference is frozen: score it once
             with evaluation_mode(module.reference, seed=0):
-                self._reference_logprobs = (
-                    score(module.reference, chosen),
-                    score(module.reference, rejected),
-                )
+                self._reference_logprobs = self._score(module, module.reference)
         ref_chosen, ref_rejected = self._reference_logprobs
         with evaluation_mode(module.policy, seed=0):
-            policy_chosen, policy_rejected = (
-                score(module.policy, chosen),
-                score(module.policy, rejected),
-            )
+            policy_chosen, policy_rejected = self._score(module, module.policy)
         beta = float(module.beta.value)
         implicit_chosen = beta * (policy_chosen - ref_chosen)  # [B]
         implicit_rejected = beta * (policy_rejected - ref_rejected)  # [B]
@@ -154,19 +184,22 @@ class PreferenceAccuracyCallback(EvalCallback):
                     "(no `raw`): eval/rm_accuracy is not logged"
                 )
             else:
-                self._rm_accuracy = pairwise_accuracy(raw(prompts, chosen), raw(prompts, rejected))
+                # a pair's prompt twice in a row: it runs once for both sides (group_size 2)
+                both = [y for pair in zip(chosen, rejected, strict=True) for y in pair]
+                scores = raw([u for u in prompts for _ in range(2)], both, group_size=2)
+                self._rm_accuracy = pairwise_accuracy(scores[0::2], scores[1::2])
         return self._rm_accuracy
 
-    def _scorer(self, module, prompts: list[str]):
-        def score(model, responses: list[str]) -> torch.Tensor:
-            return response_logprobs(
-                model,
-                module.tokenizer,
-                prompts,
-                responses,
-                module.generation,
-                self.max_length,
-                self.batch_size,
-            )
-
-        return score
+    def _score(self, module, model) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(y⁺|u), log p(y⁻|u) [n_pairs] under `model` (`pair_logprobs`)."""
+        prompts, chosen, rejected = self._pairs
+        return pair_logprobs(
+            model,
+            module.tokenizer,
+            prompts,
+            chosen,
+            rejected,
+            module.generation,
+            self.max_length,
+            self.batch_size,
+        )
