@@ -61,6 +61,8 @@ FACTORS = {
     "decay_all": {"no_decay": []},  # weight decay on biases, norms and embeddings too
     "zero_head": {"score_init_std": 0.0},  # every score starts at 0
     "constant_lr": {"scheduler": False},  # no warm-up, no cosine decay
+    "top4": {"trainable_layers": 4},  # rm.trainable_layers=4: the top 4 blocks, norm and head
+    "lora16": {"lora": {"r": 16, "alpha": 32}},  # rm.lora={r:16,alpha:32}: adapter + head
 }
 
 
@@ -157,6 +159,14 @@ def run_ours(spec: dict) -> dict:
     counts = count_tokens(model)  # (the hook fills this very dict)
     counts.update(_lengths(data, tokenizer, spec["max_length"], spec.get("prompt_tokens", 0)))
     factor = spec.get("factor", {})
+    if factor.get("trainable_layers") is not None:  # as the RM stage applies rm.trainable_layers
+        from rlhf_lightning.models.factory import train_top_layers
+
+        train_top_layers(model, factor["trainable_layers"])
+    if factor.get("lora") is not None:  # ... and rm.lora
+        from rlhf_lightning.models.lora import lora_settings, reward_model_with_lora
+
+        model = reward_model_with_lora(model, lora_settings(factor["lora"]))
     if factor.get("score_init_std") is not None:
         redraw_score_head(model, factor["score_init_std"])
     scheduler = partial(get_cosine_schedule_with_warmup, num_warmup_steps=spec["warmup_steps"])
