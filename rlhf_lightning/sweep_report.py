@@ -269,16 +269,31 @@ def _plot_curves(rows: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
+    for i, r in enumerate(rows):
         curve = r.get("_curve") or {}
         points = curve.get("points", [])
         if not points:
             continue
+        # a trajectory in step order, each measured point marked: KL can fall back between
+        # evaluations, and the line then runs leftwards (the last point is the filled one)
         d = [math.sqrt(max(p["kl"], 0.0)) for p in points]
-        label = f"β={r.get('beta')}"
-        ax.plot(d, [p["proxy"] for p in points], "--", label=f"proxy {label}")
+        label, colour = f"β={r.get('beta')}", f"C{i % 10}"
+        series = [("proxy", "--", "o")]
         if all(p.get("gold") is not None for p in points):
-            ax.plot(d, [p["gold"] for p in points], "-", label=f"gold {label}")
+            series.append(("gold", "-", "s"))
+        for key, style, marker in series:
+            y = [p[key] for p in points]
+            ax.plot(
+                d,
+                y,
+                style,
+                color=colour,
+                marker=marker,
+                markersize=3,
+                mfc="none",
+                label=f"{key} {label}",
+            )
+            ax.plot(d[-1:], y[-1:], marker, color=colour, markersize=5)
     bon = next(
         (
             (r.get("_curve") or {}).get("best_of_n")
