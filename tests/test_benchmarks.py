@@ -25,7 +25,7 @@ import memory  # noqa: E402
 import policy_throughput  # noqa: E402
 
 RUNS = {  # run name -> (script, extra options)
-    "rm_throughput": ("rm_throughput", ["--eval-every", "3", "--factors", "shuffle"]),
+    "rm_throughput": ("rm_throughput", ["--eval-every", "3", "--factors", "shuffle", "lora16"]),
     "policy_throughput": ("policy_throughput", []),
     "scaling": ("scaling", []),
     "rm_medium": ("rm_throughput", ["--size", "medium"]),
@@ -106,7 +106,7 @@ def test_clock_leaves_paused_time_out():
 
 def test_rm_quick_reports_ours_only(quick_runs):
     output, result = finished(quick_runs, "rm_throughput")
-    assert list(result["median"]) == ["ours", "ours_shuffle"]
+    assert list(result["median"]) == ["ours", "ours_shuffle", "ours_lora16"]
     assert result["ratio_pairs_per_s"] is None
     assert "ours / TRL" not in output
     run = result["runs"]["ours"][0]
@@ -290,6 +290,7 @@ def test_smollm2_rm_both_sides_train_the_checkpoint(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     cmd = [sys.executable, str(BENCH / "rm_throughput.py"), "--quick", "--size", "smollm2"]
     cmd += ["--precision", "bf16", "--workdir", str(tmp_path), "--results", str(tmp_path / "out")]
+    cmd += ["--factors", "top4", "lora16"]  # rm.trainable_layers=4 and rm.lora on our side
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "out" / "rm_throughput.smollm2.bf16.quick.json").read_text())
@@ -299,7 +300,7 @@ def test_smollm2_rm_both_sides_train_the_checkpoint(tmp_path):
     assert workspace["model_config"]["num_hidden_layers"] == 30  # the checkpoint, not a shape
     prefs = common.read_jsonl(Path(workspace["data_dir"]) / "chat" / "prefs_train.jsonl")
     assert len(prefs) == 4 and prefs[0]["prompt"].startswith("<|im_start|>system")
-    sides = ["ours", "trl"] if HAS_TRL else ["ours"]
+    sides = ["ours", "ours_top4", "ours_lora16", *(["trl"] if HAS_TRL else [])]
     assert list(result["median"]) == sides
     for side in sides:
         run = result["runs"][side][0]
