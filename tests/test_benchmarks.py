@@ -306,3 +306,27 @@ def test_smollm2_rm_both_sides_train_the_checkpoint(tmp_path):
         run = result["runs"][side][0]
         assert run["steps"] == 2 and positive(run["throughput"]) and positive(run["peak_rss_mb"])
         assert 0.0 <= run["accuracy"] <= 1.0
+
+
+def test_rm_probe_fits_a_separable_preference_direction_and_reads_the_judges_terms():
+    """benchmarks/rm_probe.py: the logistic probe recovers a direction that orders held-out pairs
+    (no bias: a pair and its swap are mirror images), and the judge's terms enter as differences."""
+    import rm_probe
+
+    torch = pytest.importorskip("torch")
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.randn(8, generator=generator)
+    x = torch.randn(400, 8, generator=generator)
+    x = x * torch.sign(x @ direction)[:, None]  # every "chosen − rejected" scores above 0
+    w = rm_probe.fit_logistic(x[:300], 1e-3)
+    assert rm_probe.accuracy(x[300:], w) > 0.9  # (the pairs nearest the boundary may flip)
+    assert rm_probe.accuracy(-x[300:], w) < 0.1
+    row = {
+        "prompt": [{"role": "user", "content": "Say something kind."}],
+        "chosen": [{"role": "assistant", "content": "What a lovely, wonderful day it is!"}],
+        "rejected": [{"role": "assistant", "content": "It is a terrible, awful day"}],
+    }
+    diff = rm_probe.term_differences([row])[0]
+    terms = dict(zip(rm_probe.TERMS, diff.tolist(), strict=True))
+    assert terms["sentiment"] > 1.0  # VADER: warm minus cold
+    assert terms["no_end"] == -1.0  # the rejected one does not close its sentence
