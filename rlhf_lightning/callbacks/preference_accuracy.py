@@ -24,8 +24,7 @@ from rlhf_lightning.data.batching import pad, truncate
 from rlhf_lightning.data.encoding import encode_prompt, encode_response
 from rlhf_lightning.errors import ConfigError
 from rlhf_lightning.generation.settings import GenerationSettings
-from rlhf_lightning.models.logprobs import forward_logprobs
-from rlhf_lightning.models.shared_prefix import regroup
+from rlhf_lightning.models.logprobs import pair_logprobs as pair_sums
 
 
 def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
@@ -61,9 +60,9 @@ def pair_logprobs(
     batch_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(y⁺|u), log p(y⁻|u) [B] float32 on CPU, each pair's prompt run once for both sides
-    (`regroup` + `response_logprobs(shared_prefix=(2, Tp))`, as DPO scores a pair); a batch whose
-    pairs were cut differently, or a model that cannot share, takes the plain pass: the same sums
-    to round-off. batch_size: sequences per forward pass (two per pair)."""
+    (`models.logprobs.pair_logprobs`, as DPO scores a pair); a batch whose pairs were cut
+    differently, or a model that cannot share, takes the plain pass: the same sums to round-off.
+    batch_size: sequences per forward pass (two per pair)."""
     device = next(model.parameters()).device
     pairs = max(1, batch_size // 2)
     out_chosen, out_rejected = [], []
@@ -75,36 +74,17 @@ def pair_logprobs(
             for u, y in zip(prompts[start:stop], side[start:stop], strict=True)
         ]  # [2b]: chosen rows, then rejected rows
         ids, attention, response_mask = (t.to(device) for t in _right_padded(rows, tokenizer))
-        half = torch.arange(len(rows) // 2, device=device)
-        groups = torch.stack([half, half + len(half)], dim=1)  # [b, 2]: chosen, rejected
-        regrouped = regroup(ids, attention, response_mask, groups)
-        if regrouped is None:  # prompts cut differently: the plain pass
-            logprobs, _, _ = forward_logprobs(
-                model,
-                ids,
-                attention,
-                response_mask,
-                generation.temperature,
-                generation.allowed_token_ids,
-            )
-            values = logprobs.sum(-1)
-        else:
-            ids, attention, width, _ = regrouped
-            columns = torch.arange(ids.shape[1], device=device)
-            scores = forward_logprobs(
-                model,
-                ids,
-                attention,
-                attention * (columns >= width),  # [2b, Tp + Tr] in pair order
-                generation.temperature,
-                generation.allowed_token_ids,
-                shared_prefix=(2, width),
-            )
-            pair_order = scores.logprobs.sum(-1)  # chosen₀, rejected₀, chosen₁, …
-            values = torch.empty_like(pair_order).index_put((groups.flatten(),), pair_order)
+        values = pair_sums(
+            model,
+            ids,
+            attention,
+            response_mask,
+            generation.temperature,
+            generation.allowed_token_ids,
+        )
         values = values.float().cpu()
-        out_chosen.append(values[: len(half)])
-        out_rejected.append(values[len(half) :])
+        out_chosen.append(values[: len(rows) // 2])
+        out_rejected.append(values[len(rows) // 2 :])
     return torch.cat(out_chosen), torch.cat(out_rejected)
 
 

@@ -188,6 +188,52 @@ def response_logprobs(
     return ResponseScores(logprobs, ent_full, states if hidden else None)
 
 
+def pair_logprobs(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_mask: Tensor,
+    temperature: float = 1.0,
+    allowed_token_ids: Tensor | None = None,
+    shared_prefix: bool = True,
+    scored=None,
+) -> Tensor:
+    """Σ_t log p(y_t | u, y_<t) [2B] of a right-padded pair batch [2B, T] (rows i and B + i share
+    their prompt: chosen rows, then rejected rows); response_mask [2B, T] is 1 on response tokens.
+
+    With `shared_prefix` each pair's prompt runs once (`regroup` to [left-padded prompt |
+    responses], then `response_logprobs(shared_prefix=(2, Tp))`); a batch whose pairs' prompt
+    tokens differ (cut differently) or a model that cannot share takes the plain pass: the same
+    sums to round-off. `scored(ids, mask) -> mask` narrows the positions summed in either layout
+    (DPO: to the allowed ids); gradients flow unless called under `torch.no_grad()`.
+    """
+    scored = scored or (lambda ids, mask: mask)
+    rows = len(input_ids)
+    if shared_prefix and rows and rows % 2 == 0:
+        half = torch.arange(rows // 2, device=input_ids.device)
+        groups = torch.stack([half, half + len(half)], dim=1)  # [B, 2]: chosen, rejected
+        regrouped = sharing.regroup(input_ids, attention_mask, response_mask, groups)
+        if regrouped is not None:
+            ids, attention, width, _ = regrouped
+            columns = torch.arange(ids.shape[1], device=ids.device)
+            scores = response_logprobs(
+                model,
+                ids,
+                attention,
+                scored(ids, attention * (columns >= width)),  # [2B, Tp + Tr] in pair order
+                temperature,
+                allowed_token_ids,
+                position_ids=position_ids(attention),  # left-padded prompts
+                shared_prefix=(2, width),
+            )
+            values = scores.logprobs.sum(-1)  # pair order: chosen₀, rejected₀, chosen₁, …
+            return torch.empty_like(values).index_put((groups.flatten(),), values)
+    mask = scored(input_ids, response_mask)
+    return response_logprobs(
+        model, input_ids, attention_mask, mask, temperature, allowed_token_ids
+    ).logprobs.sum(-1)
+
+
 def _scatter(values: Tensor, rows: Tensor, cols: Tensor, shape) -> Tensor:
     out = torch.zeros(shape, dtype=torch.float32, device=values.device)
     return out.index_put((rows, cols), values.float())

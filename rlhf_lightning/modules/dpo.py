@@ -39,9 +39,7 @@ from rlhf_lightning.generation.settings import GenerationSettings
 from rlhf_lightning.losses.dpo import DPO_LOSSES, dpo_loss, implicit_accuracy
 from rlhf_lightning.microbatch import chunked
 from rlhf_lightning.models.factory import train_without_dropout
-from rlhf_lightning.models.heads import position_ids
-from rlhf_lightning.models.logprobs import response_logprobs
-from rlhf_lightning.models.shared_prefix import regroup
+from rlhf_lightning.models.logprobs import pair_logprobs, response_logprobs
 from rlhf_lightning.modules.pairs import PAIR_ROWS, PairUnits
 from rlhf_lightning.modules.supervised import MicroBatchedModule, trimmed
 
@@ -241,31 +239,19 @@ class DPOModule(PairUnits, MicroBatchedModule):
         return scores.logprobs.sum(-1)
 
     def _pair_logprobs(self, model, batch: dict, mask: torch.Tensor) -> torch.Tensor:
-        """log p(y|u) [2B] of a pair batch (rows i and B + i a pair): with `shared_prefix` each
-        pair's prompt runs once (`regroup` + `shared_prefix_states`); pairs whose prompt tokens
-        differ (cut differently) or a model that cannot share take the plain pass."""
-        ids, attention = batch["input_ids"], batch["attention_mask"]
-        if self.hparams.shared_prefix and len(ids) % 2 == 0 and len(ids):
-            half = torch.arange(len(ids) // 2, device=ids.device)
-            groups = torch.stack([half, half + len(half)], dim=1)  # [B, 2]: chosen, rejected
-            regrouped = regroup(ids, attention, batch["response_mask"], groups)
-            if regrouped is not None:
-                ids, attention, width, _ = regrouped
-                columns = torch.arange(ids.shape[1], device=ids.device)
-                response = self._in_response_space(ids, attention * (columns >= width))
-                scores = response_logprobs(
-                    model,
-                    ids,
-                    attention,
-                    response,  # [2B, Tp + Tr] in pair order
-                    self.generation.temperature,
-                    self.generation.allowed_token_ids,
-                    position_ids=position_ids(attention),  # left-padded prompts
-                    shared_prefix=(2, width),
-                )
-                values = scores.logprobs.sum(-1)  # pair order: chosen₀, rejected₀, chosen₁, …
-                return torch.empty_like(values).index_put((groups.flatten(),), values)
-        return self._sequence_logprobs(model, batch, mask)
+        """log p(y|u) [2B] of a pair batch (rows i and B + i a pair), over `mask` =
+        `_response_mask(batch)`: with `shared_prefix` each pair's prompt runs once
+        (`models.logprobs.pair_logprobs`); otherwise, or where it cannot share, the plain pass."""
+        return pair_logprobs(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["response_mask"],
+            self.generation.temperature,
+            self.generation.allowed_token_ids,
+            shared_prefix=bool(self.hparams.shared_prefix),
+            scored=self._in_response_space,
+        )
 
     def _reference_logprobs(self, batch: dict, mask: torch.Tensor) -> torch.Tensor:
         """log p_ref(y|u) [2B]: from the table by pair index where scored, else computed."""
