@@ -681,15 +681,17 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def write_json(args: argparse.Namespace, name: str, payload: dict) -> Path:
-    """benchmarks/results/<name>[.<size>][.p<prompt tokens>][.bf16][.quick].json (the size unless
-    tiny, the context length unless 0, the precision unless fp32; quick: smoke runs)."""
+def write_json(args: argparse.Namespace, name: str, payload: dict, tag: str = "") -> Path:
+    """benchmarks/results/<name>[.<size>][.p<prompt tokens>][.bf16][.<tag>][.quick].json (the size
+    unless tiny, the context length unless 0, the precision unless fp32, a run kind, e.g. gold;
+    quick: smoke runs)."""
     args.results.mkdir(parents=True, exist_ok=True)
     size, prompt_tokens = getattr(args, "size", "tiny"), getattr(args, "prompt_tokens", 0)
     suffix = ("" if size == "tiny" else f".{size}") + (
         f".p{prompt_tokens}" if prompt_tokens else ""
     )
     suffix += "" if getattr(args, "precision", "fp32") == "fp32" else f".{args.precision}"
+    suffix += f".{tag}" if tag else ""
     suffix += ".quick" if args.quick else ""
     path = args.results / f"{name}{suffix}.json"
     payload = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **payload}

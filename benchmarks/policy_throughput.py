@@ -26,13 +26,37 @@ same checkpoint under a fresh score head, the prompts the chat-rendered user tur
 `common.prepare_chat_workspace` (the same text for both sides), lr 1e-6; 4 prompts × k=4, T=48,
 3 steps (1 warm-up) by default. `--precision bf16`: our `bf16-mixed`, TRL's `bf16=True`.
 
+`--reward-model DIR`: both sides optimise a trained reward model (e.g. artifacts/chat/rm of
+`python train.py experiment=smollm2_rm`) instead of the fresh head. Ours reads it as `reward=learned`
+does, normalised by the artifact's `reward_stats` (β is on that scale); TRL gets the same scale
+through `reward_weights=[1/std]` (the mean cancels in the leave-one-out baseline), so one β means
+the same penalty on both sides. `--recipe` takes P, k, T, the sampling temperature, the learning
+rate, β and the precision from conf/experiment/smollm2_policy.yaml (what `python train.py
+experiment=smollm2_policy` trains with; --steps stays yours).
+
+`--gold N`: after the runs, each side's final policy (its last run) is saved as a policy artifact
+(`--policies DIR`, default <workspace>/policies/<side>; manifest reference_path = the initial
+policy) and both are evaluated by `eval.py` on the task's first N held-out prompts, ours as
+`policy`, TRL's as `compare`, the initial policy as `reference`, the RM as the proxy, with the
+training T and temperature: gold and proxy reward, KL, win rates over the reference and between
+the sides, paired differences with 95 % intervals over prompts (the JSON's `gold`; the eval
+folder beside the policies).
+
     python benchmarks/policy_throughput.py [--quick] [--size tiny|medium|smollm2] [--runs N]
         [--prompts P] [--k K] [--tokens T] [--prompt-tokens N] [--shared-prefix on|off|both]
-        [--precision fp32|bf16]
+        [--precision fp32|bf16] [--reward-model DIR] [--recipe] [--temperature X] [--lr X]
+        [--gold N] [--policies DIR]
+
+    # the gold of both policies after the same steps, at the SmolLM2 recipe's settings
+    python benchmarks/policy_throughput.py --size smollm2 --recipe --reward-model artifacts/chat/rm \
+        --steps 20 --runs 1 --threads 2 --gold 64
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +66,8 @@ from pathlib import Path
 import common
 
 SCRIPT = Path(__file__).resolve()
+ROOT = SCRIPT.parent.parent
+RECIPE = ROOT / "conf" / "experiment" / "smollm2_policy.yaml"
 PHASES = ("generate", "policy_logprobs", "reference_logprobs", "reward", "update", "other")
 # per --size: prompts P, samples per prompt k, max_new_tokens T, steps, warm-up steps
 SIZE_DEFAULTS = {
@@ -180,19 +206,24 @@ def run_ours(spec: dict) -> dict:
     ws = common.Workspace(**spec["workspace"])
     tokenizer = AutoTokenizer.from_pretrained(ws.tokenizer_dir)
     shared = spec.get("shared_prefix", True)
-    ctx = _Context(common.model_spec(ws), Path(ws.reward_dir), tokenizer)
+    reward_dir = reward_model_dir(spec, ws)
+    ctx = _Context(common.model_spec(ws), reward_dir, tokenizer)
     torch.manual_seed(spec["seed"])
     module = PolicyModule(
         policy=common.causal_lm(ws, tokenizer),
         reference=common.causal_lm(ws, tokenizer),
         reward=LearnedReward(
-            path=ws.reward_dir, max_length=spec.get("reward_max_length", 256), shared_prefix=shared
+            path=str(reward_dir),
+            max_length=spec.get("reward_max_length", 256),
+            shared_prefix=shared,
         ).setup(ctx),
         tokenizer=tokenizer,
         algorithm=Algorithm(name="rloo", group_size=spec["k"], epochs=1, minibatches=1),
         beta_controller=FixedBeta(spec["beta"]),
         optimizer=partial(torch.optim.AdamW, lr=spec["lr"], weight_decay=0.0, betas=(0.9, 0.95)),
-        generation=GenerationSettings(max_new_tokens=spec["tokens"]),
+        generation=GenerationSettings(
+            max_new_tokens=spec["tokens"], temperature=spec.get("temperature", 1.0)
+        ),
         max_grad_norm=1.0,
         shared_prefix=shared,
     )
@@ -219,12 +250,42 @@ def run_ours(spec: dict) -> dict:
         trainer.fit(module, datamodule=datamodule)
     finally:
         restore()
-    return {**_result(spec, clock, timer, start, _ours_other), "prompt_length": prompt_tokens}
+    result = {**_result(spec, clock, timer, start, _ours_other), "prompt_length": prompt_tokens}
+    if spec.get("policies"):
+        side = "ours" if shared else "ours_plain"
+        result["policy_dir"] = save_policy(module.policy, spec, ws, side)
+    return result
 
 
 def run_ours_plain(spec: dict) -> dict:
     """Our side without the shared prompt pass (--shared-prefix off/both)."""
     return run_ours({**spec, "shared_prefix": False})
+
+
+def reward_model_dir(spec: dict, ws: common.Workspace) -> Path:
+    """The RM both sides optimise: --reward-model, else the workspace's fresh-head one."""
+    return Path(spec.get("reward_model") or ws.reward_dir)
+
+
+def save_policy(model, spec: dict, ws: common.Workspace, side: str) -> str:
+    """A side's final policy as a policy artifact eval.py reads (our tokenizer on both sides: the
+    same vocabulary; the manifest's reference_path is the initial policy both started from)."""
+    from transformers import AutoTokenizer
+
+    from rlhf_lightning.artifacts import save_model_artifact
+
+    target = Path(spec["policies"]) / side
+    keys = ("steps", "prompts", "k", "tokens", "temperature", "lr", "beta", "precision", "seed")
+    manifest = {
+        "stage": "policy",
+        "reference": "checkpoint" if ws.model_path else "initial",
+        "reference_path": ws.policy_dir,
+        "reward_model": str(reward_model_dir(spec, ws)),
+        "benchmark": {"side": side, **{k: spec.get(k) for k in keys}},
+    }
+    tokenizer = AutoTokenizer.from_pretrained(ws.tokenizer_dir)
+    save_model_artifact(model, tokenizer, target, manifest)
+    return str(target)
 
 
 class _Context:
@@ -310,6 +371,8 @@ def run_trl(spec: dict) -> dict:
             previous = clock.ends[-2] if len(clock.ends) > 1 else clock.started
             timer.close_step(clock.ends[-1] - previous)
 
+    reward_dir = reward_model_dir(spec, ws)
+    std = _reward_std(reward_dir)
     with tempfile.TemporaryDirectory(prefix="trl-rloo-") as out:
         config = RLOOConfig(
             output_dir=out,
@@ -319,7 +382,8 @@ def run_trl(spec: dict) -> dict:
             num_iterations=1,
             beta=spec["beta"],
             epsilon=0.2,
-            temperature=1.0,
+            temperature=spec.get("temperature", 1.0),
+            reward_weights=[1.0 / std],  # our LearnedReward's scale: (raw - mean) / std
             top_p=1.0,
             top_k=0,
             learning_rate=spec["lr"],
@@ -343,7 +407,7 @@ def run_trl(spec: dict) -> dict:
         )
         trainer = RLOOTrainer(
             model=ws.policy_dir,
-            reward_funcs=AutoModelForSequenceClassification.from_pretrained(ws.reward_dir),
+            reward_funcs=AutoModelForSequenceClassification.from_pretrained(reward_dir),
             args=config,
             train_dataset=dataset,
             processing_class=AutoTokenizer.from_pretrained(
@@ -356,7 +420,19 @@ def run_trl(spec: dict) -> dict:
         if spec.get("phases", True):
             instrument_trl(trainer, timer)
         trainer.train()
-    return _result(spec, clock, timer, start, _trl_other)
+    result = _result(spec, clock, timer, start, _trl_other)
+    if spec.get("policies"):
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        result["policy_dir"] = save_policy(policy, spec, ws, "trl")
+    return result
+
+
+def _reward_std(reward_dir: Path) -> float:
+    """The RM artifact's reward_stats std (1 without one), as `LearnedReward` reads it."""
+    from rlhf_lightning.artifacts import read_manifest
+
+    stats = read_manifest(reward_dir).get("reward_stats") or {}
+    return max(float(stats.get("std", 1.0)), 1e-6)
 
 
 WORKERS = {
@@ -377,9 +453,12 @@ def policy_spec(args, ws: common.Workspace, settings: dict, **overrides) -> dict
         "tokens": args.tokens,
         "steps": args.steps,
         "warmup": args.warmup,
-        "beta": 0.05,
-        "lr": LR[args.size],
+        "beta": args.beta,
+        "lr": args.lr or LR[args.size],
+        "temperature": args.temperature,
         "precision": args.precision,
+        "reward_model": str(args.reward_model.resolve()) if args.reward_model else None,
+        "policies": str(policies_dir(args, ws)) if args.gold else None,
         # our reward's truncation length: the model's position limit (256 unless --prompt-tokens)
         "reward_max_length": max(256, ws.model_config["max_position_embeddings"]),
     }
@@ -393,6 +472,61 @@ def add_policy_options(p) -> None:
     p.add_argument("--tokens", type=int, help="max_new_tokens T (tiny 32, medium 64)")
     p.add_argument("--steps", type=int, help="optimisation steps per run (tiny 8, medium 4)")
     p.add_argument("--warmup", type=int, help="steps left out of the timing (tiny 2, medium 1)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0)")
+    p.add_argument("--lr", type=float, help="learning rate (tiny/medium 2e-4, smollm2 1e-6)")
+    p.add_argument("--beta", type=float, default=0.05, help="KL coefficient β (0.05)")
+
+
+def add_gold_options(p) -> None:
+    p.add_argument(
+        "--reward-model",
+        type=Path,
+        help="a trained RM artifact both sides optimise (default: the workspace's fresh head)",
+    )
+    p.add_argument(
+        "--recipe",
+        action="store_true",
+        help=f"P, k, T, temperature, lr, β and precision of {RECIPE.relative_to(ROOT)}",
+    )
+    p.add_argument(
+        "--gold",
+        type=int,
+        metavar="N",
+        help="save both final policies and evaluate them with eval.py on N held-out prompts",
+    )
+    p.add_argument("--policies", type=Path, help="--gold: where the policies go")
+
+
+def recipe_settings(path: Path = RECIPE) -> dict:
+    """The policy recipe's settings this benchmark matches on both sides (`--recipe`)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(path)
+    return {
+        "prompts": int(cfg.policy.prompts_per_step),
+        "k": int(cfg.algo.group_size),
+        "tokens": int(cfg.policy.generation.max_new_tokens),
+        "temperature": float(cfg.policy.generation.temperature),
+        "lr": float(cfg.policy.optimizer.lr),
+        "beta": float(cfg.algo.beta),
+        "precision": {"bf16-mixed": "bf16", "32-true": "fp32"}[str(cfg.trainer.precision)],
+    }
+
+
+def apply_recipe(args, argv: list[str]) -> None:
+    """--recipe: the recipe's settings, except those given on the command line."""
+    if not args.recipe:
+        return
+    if args.size != "smollm2":
+        raise SystemExit(f"--recipe is {RECIPE.name}'s settings: it needs --size smollm2")
+    given = {a.split("=", 1)[0].removeprefix("--").replace("-", "_") for a in argv}
+    for name, value in recipe_settings().items():
+        if name not in given:
+            setattr(args, name, value)
+
+
+def policies_dir(args, ws: common.Workspace) -> Path:
+    return (args.policies or Path(ws.root) / "policies").resolve()
 
 
 def size_defaults(args, table: dict = SIZE_DEFAULTS) -> None:
@@ -406,13 +540,17 @@ def size_defaults(args, table: dict = SIZE_DEFAULTS) -> None:
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     add_policy_options(p)
+    add_gold_options(p)
     args = p.parse_args()
     if args.worker:
         return common.worker_main(args, WORKERS)
     if args.quick:
         args.in_process, args.runs = True, 1
         args.prompts, args.k, args.tokens, args.steps, args.warmup = QUICK[args.size]
+    apply_recipe(args, sys.argv[1:])
     size_defaults(args)
+    if args.reward_model and not (args.reward_model / "config.json").exists():
+        raise SystemExit(f"--reward-model {args.reward_model}: no model there (config.json)")
     sides = common.our_sides(args)
     settings = common.task_settings(64, 16, args.seed, args.prompt_tokens)
     if args.size in common.CHECKPOINTS:  # its workspace saves a 135M-parameter RM only when asked
@@ -426,7 +564,63 @@ def main() -> None:
         f"{args.runs} run(s) per side, {args.threads} thread(s)"
     )
     results = common.measure(SCRIPT, args, sides, spec, WORKERS, args.runs)
-    report(args, spec, results)
+    gold = gold_eval(args, ws, spec, results) if args.gold else None
+    report(args, spec, results, gold)
+
+
+def eval_command(args, ws: common.Workspace, spec: dict, policy: str, compare: str | None):
+    """eval.py on the saved policies: the workspace's task and held-out prompts, the initial
+    policy as reference, the RM as proxy, the training T and temperature, keyed samples."""
+    cmd = [sys.executable, str(ROOT / "eval.py")]
+    if ws.task == "chat":  # the chat task's held-out requests (its cache under the repo's data/)
+        cmd += ["task=chat", "model=smollm2"]
+    else:  # the workspace's own reviews task files
+        cmd += ["task=reviews", "model=tiny", f"paths.data_dir={ws.data_dir}"]
+        cmd += [f"++task.{k}={v}" for k, v in spec["task"].items() if k != "reward_model"]
+    cmd += [f"policy={policy}", f"reference={ws.policy_dir}"]
+    cmd += [f"compare={compare}"] if compare else []
+    cmd += [
+        f"reward_model={reward_model_dir(spec, ws)}",
+        f"n_prompts={args.gold}",
+        f"generation.max_new_tokens={spec['tokens']}",
+        f"generation.temperature={spec['temperature']}",
+        f"seed={args.seed}",
+        "best_of_n.enabled=false",
+        "logger=none",
+        f"hydra.run.dir={policies_dir(args, ws) / 'eval'}",
+    ]
+    return cmd
+
+
+def gold_eval(args, ws: common.Workspace, spec: dict, results: dict[str, list[dict]]) -> dict:
+    """Both final policies through eval.py (ours as policy, TRL's as compare); its numbers."""
+    saved = {side: runs[-1]["policy_dir"] for side, runs in results.items()}
+    ours = next(side for side in saved if side.startswith("ours"))
+    cmd = eval_command(args, ws, spec, saved[ours], saved.get("trl"))
+    print(f"\ngold: {' '.join(cmd[1:])}", flush=True)
+    env = {**os.environ, **common.QUIET_ENV, "OMP_NUM_THREADS": str(args.threads)}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"eval.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    result = json.loads((policies_dir(args, ws) / "eval" / "eval.json").read_text())
+    names = {"policy": ours, "compare": "trl", "reference": "reference"}
+    rename = lambda key: "/".join(names.get(part, part) for part in key.split("_vs_"))  # noqa: E731
+    return {
+        "command": cmd[1:],
+        "eval_s": time.perf_counter() - start,
+        "eval_dir": str(policies_dir(args, ws) / "eval"),
+        "policies": saved,
+        "judges": result["judges"],
+        "n_prompts": result["n_prompts"],
+        "samples_per_prompt": result["samples_per_prompt"],
+        "sides": {names[side]: value for side, value in result["sides"].items()},
+        "win_rates": {
+            rename(key.split("/")[0]) + "/" + key.split("/")[1]: value
+            for key, value in result["win_rates"].items()
+        },
+        "paired": result.get("paired", {}),  # ours − trl on the same prompts and keys
+    }
 
 
 def median_phases(runs: list[dict]) -> dict[str, float]:
@@ -434,9 +628,9 @@ def median_phases(runs: list[dict]) -> dict[str, float]:
     return {k: common.median([r["phases"] for r in runs], k) for k in keys}
 
 
-def report(args, spec: dict, results: dict[str, list[dict]]) -> None:
+def report(args, spec: dict, results: dict[str, list[dict]], gold: dict | None = None) -> None:
     med = {
-        side: {k: common.median(runs, k) for k in runs[0] if k != "phases"}
+        side: {k: common.median(runs, k) for k in runs[0] if k not in ("phases", "policy_dir")}
         for side, runs in results.items()
     }
     phases = {side: median_phases(runs) for side, runs in results.items()}
@@ -468,10 +662,32 @@ def report(args, spec: dict, results: dict[str, list[dict]]) -> None:
         "ratio_completions_per_s": ratio,
         "ratios": every,
     }
+    if gold:
+        print_gold(gold)
+        payload["gold"] = gold
     common.write_json(
         args,
         "policy_throughput",
         {"environment": common.environment(args), **payload, "runs": results},
+        tag="gold" if gold else "",
+    )
+
+
+def print_gold(gold: dict) -> None:
+    """Each side's gold, proxy and KL, then the win rates (95 % intervals over prompts)."""
+
+    def cell(stat: dict | None) -> str:
+        return "-" if stat is None else f"{stat['mean']:.3f} [{stat['lo']:.3f}, {stat['hi']:.3f}]"
+
+    judges = [f"reward/{j}" for j in gold["judges"]]
+    common.print_table(
+        f"after the same steps: eval.py on {gold['n_prompts']} held-out prompts × "
+        f"{gold['samples_per_prompt']} samples ({gold['eval_s']:.0f} s)",
+        ["side", *judges, "kl"],
+        [[side, *(cell(v.get(k)) for k in [*judges, "kl"])] for side, v in gold["sides"].items()],
+    )
+    common.print_table(
+        "win rates", ["pair/judge", "rate"], [[k, cell(v)] for k, v in gold["win_rates"].items()]
     )
 
 
