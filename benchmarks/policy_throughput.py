@@ -45,11 +45,11 @@ folder beside the policies).
     python benchmarks/policy_throughput.py [--quick] [--size tiny|medium|smollm2] [--runs N]
         [--prompts P] [--k K] [--tokens T] [--prompt-tokens N] [--shared-prefix on|off|both]
         [--precision fp32|bf16] [--reward-model DIR] [--recipe] [--temperature X] [--lr X]
-        [--gold N] [--policies DIR]
+        [--beta X] [--pairs N] [--gold N] [--policies DIR]
 
     # the gold of both policies after the same steps, at the SmolLM2 recipe's settings
     python benchmarks/policy_throughput.py --size smollm2 --recipe --reward-model artifacts/chat/rm \
-        --steps 20 --runs 1 --threads 2 --gold 64
+        --pairs 900 --steps 20 --runs 1 --threads 2 --gold 64
 """
 
 from __future__ import annotations
@@ -475,6 +475,12 @@ def add_policy_options(p) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0)")
     p.add_argument("--lr", type=float, help="learning rate (tiny/medium 2e-4, smollm2 1e-6)")
     p.add_argument("--beta", type=float, default=0.05, help="KL coefficient β (0.05)")
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=64,
+        help="task pairs whose distinct prompts the policy trains on (64; smollm2: ≤ ~1000)",
+    )
 
 
 def add_gold_options(p) -> None:
@@ -552,7 +558,7 @@ def main() -> None:
     if args.reward_model and not (args.reward_model / "config.json").exists():
         raise SystemExit(f"--reward-model {args.reward_model}: no model there (config.json)")
     sides = common.our_sides(args)
-    settings = common.task_settings(64, 16, args.seed, args.prompt_tokens)
+    settings = common.task_settings(args.pairs, 16, args.seed, args.prompt_tokens)
     if args.size in common.CHECKPOINTS:  # its workspace saves a 135M-parameter RM only when asked
         settings["reward_model"] = True
     ws = common.workspace_for(args, settings)
