@@ -147,6 +147,72 @@ def test_policy_quick_reports_phases(quick_runs):
     assert "time per step by phase" in output
 
 
+@pytest.mark.skipif(not HAS_TRL, reason="compares the two sides' final policies")
+def test_policy_gold_saves_both_final_policies_and_evaluates_them(tmp_path):
+    """--gold: each side's final policy is saved (manifest: its reference, the RM, the settings)
+    and eval.py scores both on held-out prompts — ours as policy, TRL's as compare, the initial
+    policy as reference; at lr 1e-2 both move, so both KLs are above 0 and the reference's is 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, str(BENCH / "policy_throughput.py"), "--quick", "--gold", "4"]
+    cmd += ["--lr", "1e-2", "--workdir", str(tmp_path), "--results", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "out" / "policy_throughput.gold.quick.json").read_text())
+    gold, workspace = result["gold"], result["spec"]["workspace"]
+    assert result["spec"]["lr"] == 1e-2 and gold["n_prompts"] == 4
+    assert set(gold["sides"]) == {"ours", "trl", "reference"}
+    assert gold["sides"]["reference"]["kl"]["mean"] == 0.0
+    for side in ("ours", "trl"):
+        assert gold["sides"][side]["kl"]["mean"] > 0.01, gold["sides"][side]
+        assert f"{side}/reference/gold" in gold["win_rates"]
+        manifest = json.loads((Path(gold["policies"][side]) / "rlhf_artifact.json").read_text())
+        assert manifest["reference_path"] == workspace["policy_dir"]
+        assert manifest["reward_model"] == workspace["reward_dir"]
+        assert manifest["benchmark"]["side"] == side and manifest["benchmark"]["lr"] == 1e-2
+    assert "ours/trl/gold" in gold["win_rates"] and "reward/gold" in gold["paired"]
+    assert "after the same steps: eval.py on 4 held-out prompts" in proc.stdout
+
+
+def test_policy_recipe_reads_the_smollm2_recipe_and_keeps_given_options():
+    from omegaconf import OmegaConf
+
+    recipe = OmegaConf.load(policy_throughput.RECIPE)
+    parser = common.parser("t")
+    policy_throughput.add_policy_options(parser)
+    policy_throughput.add_gold_options(parser)
+    argv = ["--size", "smollm2", "--recipe", "--lr=3e-6", "--k", "2"]
+    args = parser.parse_args(argv)
+    policy_throughput.apply_recipe(args, argv)
+    assert (args.lr, args.k) == (3e-6, 2)  # given on the command line: kept
+    assert args.prompts == recipe.policy.prompts_per_step
+    assert args.tokens == recipe.policy.generation.max_new_tokens
+    assert args.temperature == recipe.policy.generation.temperature
+    assert args.beta == recipe.algo.beta and args.precision == "bf16"
+    with pytest.raises(SystemExit, match="needs --size smollm2"):
+        tiny = parser.parse_args(["--recipe"])
+        policy_throughput.apply_recipe(tiny, ["--recipe"])
+
+
+def test_trl_reward_scale_is_the_learned_rewards(tmp_path):
+    """TRL's reward weight 1/std is read from the RM artifact as `LearnedReward` reads it."""
+    from types import SimpleNamespace
+
+    from rlhf_lightning.artifacts import read_manifest, save_model_artifact
+    from rlhf_lightning.models.factory import ModelSpec
+    from rlhf_lightning.models.tokenizer import build_tokenizer
+    from rlhf_lightning.rewards.learned import LearnedReward
+
+    tokenizer = build_tokenizer(iter(["a b c d"] * 8), vocab_size=64)
+    spec = ModelSpec(config=dict(common.TINY_CONFIG))
+    manifest = {"stage": "rm", "reward_stats": {"mean": 0.7, "std": 2.5}}
+    save_model_artifact(spec.reward_model(tokenizer), tokenizer, tmp_path / "rm", manifest)
+    ctx = SimpleNamespace(model_spec=spec, tokenizer=tokenizer, artifact=lambda s: None)
+    ours = LearnedReward(path=str(tmp_path / "rm")).setup(ctx)
+    assert read_manifest(tmp_path / "rm")["reward_stats"]["std"] == 2.5
+    assert policy_throughput._reward_std(tmp_path / "rm") == ours.std == 2.5
+    assert policy_throughput._reward_std(tmp_path) == 1.0  # no manifest: raw scores, as ours
+
+
 def test_scaling_quick_covers_both_sweeps(quick_runs):
     _, result = finished(quick_runs, "scaling", compares_trl=False)
     points = [(p["sweep"], p["prompts"], p["tokens"]) for p in result["points"]]
