@@ -329,7 +329,7 @@ def test_dpo_after_sft_from_the_command_line(tmp_path):
     AutoModelForCausalLM.from_pretrained(artifact)  # transformers loads it as it is
     [run_dir] = (tmp_path / "outputs" / "dpo").iterdir()
     result = json.loads((run_dir / "result.json").read_text())["results"]["dpo"]
-    for key in ("gold_reward", "sft_gold_reward", "kl", "implicit_accuracy", "beta"):
+    for key in ("gold_reward", "reference_gold_reward", "kl", "implicit_accuracy", "beta"):
         assert math.isfinite(result[key]), key
     rows = list(csv.DictReader((run_dir / "csv" / "dpo" / "metrics.csv").open()))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]

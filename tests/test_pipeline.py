@@ -33,7 +33,7 @@ def test_pipeline_writes_every_artifact(pipeline_root: Path):
     )
     # the policy records which reference and reward model it was trained against
     assert len(manifest["sft_sha256"]) == 64 and len(manifest["reward_sha256"]) == 64
-    for key in ("proxy_reward", "kl", "gold_reward", "sft_gold_reward"):
+    for key in ("proxy_reward", "kl", "gold_reward", "reference_gold_reward"):
         assert torch.isfinite(torch.tensor(manifest["metrics"][key]))
 
 

@@ -119,7 +119,7 @@ def sample_and_score(
 def evaluate_policy(
     module, prompts: list[str], gold: Callable | None, n_samples: int, seed: int = 0
 ) -> dict:
-    """Final numbers of the policy stage: policy vs the SFT reference on held-out prompts.
+    """Final numbers of the policy stage: policy vs its reference (SFT or checkpoint), held-out prompts.
 
     Sample i of both models draws from the same random stream, keyed by (seed, i): the numbers do
     not depend on training's RNG, and the policy–reference difference has less noise.
@@ -133,9 +133,9 @@ def evaluate_policy(
     result = {
         "proxy_reward": float(after["proxy"].mean()),
         "kl": float(after["kl"].mean()),
-        "sft_proxy_reward": float(before["proxy"].mean()),
+        "reference_proxy_reward": float(before["proxy"].mean()),
     }
     if after["gold"] is not None:
         result["gold_reward"] = float(after["gold"].mean())
-        result["sft_gold_reward"] = float(before["gold"].mean())
+        result["reference_gold_reward"] = float(before["gold"].mean())
     return result
