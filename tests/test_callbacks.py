@@ -361,6 +361,46 @@ def test_wandb_offline_history_has_every_key(oracle, tmp_path, monkeypatch):
     assert history["samples/table/nrows"] == [4, 8, 12]
 
 
+def test_step_time_leaves_out_evaluation_run_after_the_step(tmp_path):
+    """Callbacks run in list order at each hook: StepTime before a callback that evaluates at the
+    end of a step does not count the evaluation; the default list puts it before every one."""
+    import time
+
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from rlhf_lightning.callbacks.step_time import StepTime
+
+    class Evaluation(L.Callback):
+        def on_train_batch_end(self, *args) -> None:
+            time.sleep(0.3)
+
+    class Record(StepTime):
+        seconds: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.seconds.append(time.perf_counter() - self._start)
+
+    def steps(callbacks) -> list[float]:
+        Record.seconds = []
+        L.Trainer(
+            max_steps=2,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
+            default_root_dir=tmp_path,
+        ).fit(BoringModel())
+        return Record.seconds
+
+    assert all(s < 0.25 for s in steps([Record(), Evaluation()]))
+    assert all(s >= 0.3 for s in steps([Evaluation(), Record()]))  # the order is what decides
+    names = list(compose([*TINY, "stage=policy"], tmp_path).callbacks)
+    evaluating = ("kl", "overoptimisation", "preference_accuracy", "samples", "optimum_gap")
+    assert all(names.index("step_time") < names.index(n) for n in evaluating), names
+
+
 def test_step_time_logs_each_steps_seconds_and_the_peak_memory(tmp_path):
     from rlhf_lightning.run import run
 

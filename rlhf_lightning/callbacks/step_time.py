@@ -5,6 +5,9 @@
     memory/peak_rss_mib the process's resident-set high-water mark so far (`getrusage`; Linux KiB),
                         logged at the end of each step: models, optimiser state and activations
 
+The step is the training step alone: conf/callbacks/default.yaml puts this callback first, so its
+`on_train_batch_end` runs before the evaluations other callbacks run at the end of a step (KL,
+over-optimisation, preference accuracy, samples), which are not a training step's cost.
 What README's cost tables quote (`benchmarks/stage_costs.py` reads them back from `logger=csv`).
 Logging at `on_train_batch_end` adds no synchronisation: the clock reads the host's time, so on a
 GPU it includes what the step waited for, which is what a step costs.
