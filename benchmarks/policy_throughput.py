@@ -45,7 +45,14 @@ folder beside the policies).
     python benchmarks/policy_throughput.py [--quick] [--size tiny|medium|smollm2] [--runs N]
         [--prompts P] [--k K] [--tokens T] [--prompt-tokens N] [--shared-prefix on|off|both]
         [--precision fp32|bf16] [--reward-model DIR] [--recipe] [--temperature X] [--lr X]
-        [--beta X] [--pairs N] [--gold N] [--policies DIR]
+        [--beta X] [--pairs N] [--gold N] [--policies DIR] [--compare DIR]
+        [--trl-reward text|eos|both]
+
+`--trl-reward eos` (side trl_eos) gives TRL's trainer the RM as a reward function that puts the
+closing EOS back on ended completions (`EndedTextReward`): TRL scores `prompt + completion` decoded
+with skip_special_tokens, which drops SmolLM2's `<|im_end|>`, where an RM trained with it (ours or
+TRL's RewardTrainer) reads its score. `--compare DIR` evaluates a one-side run against a policy an
+earlier --gold run saved.
 
     # the gold of both policies after the same steps, at the SmolLM2 recipe's settings
     python benchmarks/policy_throughput.py --size smollm2 --recipe --reward-model artifacts/chat/rm \
@@ -405,9 +412,12 @@ def run_trl(spec: dict) -> dict:
             dataloader_num_workers=0,
             dataloader_pin_memory=False,
         )
+        reward_model = AutoModelForSequenceClassification.from_pretrained(reward_dir)
+        if spec.get("trl_reward_eos"):  # side trl_eos: a callable reward, the RM as TRL loads it
+            reward_model = EndedTextReward(reward_model, ws.trl_tokenizer_dir, config.bf16)
         trainer = RLOOTrainer(
             model=ws.policy_dir,
-            reward_funcs=AutoModelForSequenceClassification.from_pretrained(reward_dir),
+            reward_funcs=reward_model,
             args=config,
             train_dataset=dataset,
             processing_class=AutoTokenizer.from_pretrained(
@@ -423,8 +433,51 @@ def run_trl(spec: dict) -> dict:
     result = _result(spec, clock, timer, start, _trl_other)
     if spec.get("policies"):
         policy = trainer.accelerator.unwrap_model(trainer.model)
-        result["policy_dir"] = save_policy(policy, spec, ws, "trl")
+        side = "trl_eos" if spec.get("trl_reward_eos") else "trl"
+        result["policy_dir"] = save_policy(policy, spec, ws, side)
     return result
+
+
+def run_trl_eos(spec: dict) -> dict:
+    """TRL with the RM reading ended completions with their closing EOS (--trl-reward eos)."""
+    return run_trl({**spec, "trl_reward_eos": True})
+
+
+class EndedTextReward:
+    """The RM as a TRL reward function that scores prompt + completion + EOS for a completion that
+    ended (its last id is EOS), as the RM was trained (ours and TRL's RewardTrainer append EOS).
+
+    TRL's own path scores `prompt + completion` with the completion decoded by
+    `batch_decode(skip_special_tokens=True)`, which drops the closing `<|im_end|>`: an RM that
+    reads its score at the closing EOS then reads a position it never trained at (trl#2897).
+    Otherwise as TRL's `_calculate_rewards`: right padding, no added special tokens, logits[:, 0].
+    """
+
+    __name__ = "reward_model_eos"
+
+    def __init__(self, model, tokenizer_dir: str, bf16: bool):
+        from transformers import AutoTokenizer
+
+        self.model, self.bf16 = model.eval(), bf16
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
+        import torch
+
+        eos, eos_id = self.tokenizer.eos_token, self.tokenizer.eos_token_id
+        texts = [
+            p + c + (eos if ids and ids[-1] == eos_id else "")
+            for p, c, ids in zip(prompts, completions, completion_ids, strict=True)
+        ]
+        batch = self.tokenizer(
+            text=texts,
+            return_tensors="pt",
+            padding=True,
+            padding_side="right",
+            add_special_tokens=False,
+        )
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=self.bf16):
+            return self.model(**batch).logits[:, 0].float().tolist()
 
 
 def _reward_std(reward_dir: Path) -> float:
@@ -439,6 +492,7 @@ WORKERS = {
     "ours": run_ours,
     "ours_plain": run_ours_plain,
     "trl": run_trl,
+    "trl_eos": run_trl_eos,
     "prepare": common.prepare_worker,
 }
 
@@ -501,6 +555,18 @@ def add_gold_options(p) -> None:
         help="save both final policies and evaluate them with eval.py on N held-out prompts",
     )
     p.add_argument("--policies", type=Path, help="--gold: where the policies go")
+    p.add_argument(
+        "--compare",
+        type=Path,
+        help="--gold with one side: a saved policy it is compared with (e.g. an earlier run's)",
+    )
+    p.add_argument(
+        "--trl-reward",
+        choices=("text", "eos", "both"),
+        default="text",
+        help="TRL's RM input: its own prompt + decoded completion (text, side trl), the closing "
+        "EOS put back on ended completions (eos, side trl_eos), or both sides",
+    )
 
 
 def recipe_settings(path: Path = RECIPE) -> dict:
@@ -557,7 +623,7 @@ def main() -> None:
     size_defaults(args)
     if args.reward_model and not (args.reward_model / "config.json").exists():
         raise SystemExit(f"--reward-model {args.reward_model}: no model there (config.json)")
-    sides = common.our_sides(args)
+    sides = trl_sides(common.our_sides(args), args.trl_reward)
     settings = common.task_settings(args.pairs, 16, args.seed, args.prompt_tokens)
     if args.size in common.CHECKPOINTS:  # its workspace saves a 135M-parameter RM only when asked
         settings["reward_model"] = True
@@ -598,11 +664,23 @@ def eval_command(args, ws: common.Workspace, spec: dict, policy: str, compare: s
     return cmd
 
 
+def trl_sides(sides: list[str], trl_reward: str) -> list[str]:
+    """--trl-reward: TRL's side as trl (text), trl_eos (eos) or both."""
+    if "trl" not in sides:
+        return sides
+    extra = {"text": ["trl"], "eos": ["trl_eos"], "both": ["trl", "trl_eos"]}[trl_reward]
+    return [s for s in sides if s != "trl"] + extra
+
+
 def gold_eval(args, ws: common.Workspace, spec: dict, results: dict[str, list[dict]]) -> dict:
-    """Both final policies through eval.py (ours as policy, TRL's as compare); its numbers."""
+    """The first two sides' final policies through eval.py (the first as policy, the second — or
+    --compare — as compare: ours against TRL's by default); its numbers, named by side."""
     saved = {side: runs[-1]["policy_dir"] for side, runs in results.items()}
-    ours = next(side for side in saved if side.startswith("ours"))
-    cmd = eval_command(args, ws, spec, saved[ours], saved.get("trl"))
+    first, *others = saved
+    if not others and args.compare:
+        saved["compare"] = str(args.compare.resolve())
+    second = next(iter(s for s in saved if s != first), None)
+    cmd = eval_command(args, ws, spec, saved[first], saved.get(second))
     print(f"\ngold: {' '.join(cmd[1:])}", flush=True)
     env = {**os.environ, **common.QUIET_ENV, "OMP_NUM_THREADS": str(args.threads)}
     start = time.perf_counter()
@@ -610,7 +688,7 @@ def gold_eval(args, ws: common.Workspace, spec: dict, results: dict[str, list[di
     if proc.returncode != 0:
         raise SystemExit(f"eval.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     result = json.loads((policies_dir(args, ws) / "eval" / "eval.json").read_text())
-    names = {"policy": ours, "compare": "trl", "reference": "reference"}
+    names = {"policy": first, "compare": second, "reference": "reference"}
     rename = lambda key: "/".join(names.get(part, part) for part in key.split("_vs_"))  # noqa: E731
     return {
         "command": cmd[1:],
@@ -625,7 +703,7 @@ def gold_eval(args, ws: common.Workspace, spec: dict, results: dict[str, list[di
             rename(key.split("/")[0]) + "/" + key.split("/")[1]: value
             for key, value in result["win_rates"].items()
         },
-        "paired": result.get("paired", {}),  # ours − trl on the same prompts and keys
+        "paired": result.get("paired", {}),  # first − second side, same prompts and keys
     }
 
 
