@@ -165,6 +165,33 @@ def test_word_order_probe_tells_a_bag_of_words_judge_from_a_reader():
     assert reader["order_sensitivity"] > 0.5
 
 
+def test_eos_probe_rescores_every_response_without_its_closing_eos():
+    """A judge that reads length with the closing EOS and its opposite without: accuracy as an
+    online trainer without the EOS reads it is the complement; the shift is |2·len| / std."""
+    import numpy as np
+    import torch
+
+    from rlhf_lightning.data.records import PreferenceRecord
+    from rlhf_lightning.evaluate.rm import eos_probe
+
+    class Judge:
+        def raw(self, prompts, responses, ended=None):
+            sign = [1.0 if ended is None or e else -1.0 for e in (ended or [True] * len(responses))]
+            return torch.tensor([s * len(r) for s, r in zip(sign, responses)], dtype=torch.float64)
+
+    pairs = [PreferenceRecord("p", "a" * (i + 2), "b" * (i % 3 + 1)) for i in range(6)]
+    judge = Judge()
+    scores = tuple(
+        judge.raw(None, [getattr(p, s) for p in pairs]).numpy() for s in ("chosen", "rejected")
+    )
+    out = eos_probe(judge, pairs, scores)
+    accuracy = (scores[0] > scores[1]) + 0.5 * (scores[0] == scores[1])
+    assert np.array_equal(out["accuracy_without_eos"], 1.0 - accuracy)
+    scale = np.concatenate(scores).std()
+    expected = (2 * np.abs(scores[0]) + 2 * np.abs(scores[1])) / 2 / scale
+    assert np.allclose(out["eos_sensitivity"], expected)
+
+
 def test_checkpoint_arguments_are_read_as_checkpoint_keys():
     spec = importlib.util.spec_from_file_location("eval_entry", REPO / "eval.py")
     module = importlib.util.module_from_spec(spec)
@@ -327,6 +354,9 @@ def test_eval_rm_mode_accuracy_calibration_and_reliability_plot(trained, tmp_pat
     assert weighted == pytest.approx(metrics["accuracy"]["mean"])
     assert "pairs with a malformed response" in (out / "eval.md").read_text()
     assert metrics["order_sensitivity"]["mean"] >= 0
+    assert 0 <= metrics["accuracy_without_eos"]["mean"] <= 1  # eos_probe: each pair again
+    assert metrics["eos_sensitivity"]["mean"] > 0  # the score head reads at the closing EOS
+    assert "without its closing EOS" in (out / "eval.md").read_text()
     card = json.loads((root / "data/reviews/card.json").read_text())
     assert metrics["bayes_accuracy"]["mean"] == pytest.approx(
         card["bayes_accuracy"]["test"], abs=1e-5

@@ -38,6 +38,8 @@ RM_ROWS = [
     ("order_preference", "prefers a response to its word-shuffled copy"),
     ("gold_order_preference", "  gold, the same"),
     ("order_sensitivity", "order sensitivity: mean shift of r when shuffled, / std r"),
+    ("accuracy_without_eos", "accuracy, each response without its closing EOS"),
+    ("eos_sensitivity", "EOS sensitivity: mean shift of r without the EOS, / std r"),
 ]
 
 

@@ -14,6 +14,13 @@ then ≈ 0.5 where a reader of sentences gives ≈ 1, and `order_sensitivity` = 
 r(shuffled y)| / std r(y) is small. Such an RM is blind to repeated or swapped words and is the
 first thing a policy exploits (piling up praise in any order); on a built-in task gold's own
 preference for the original is reported beside it.
+
+Closing EOS (`eos_probe`): every pair is scored again without the EOS that closes each response
+(the RM stage appends it, as TRL's RewardTrainer does, and the score head reads there). An online
+trainer that hands the RM `prompt + completion` decoded with `skip_special_tokens` (TRL's GRPO and
+RLOO trainers: a chat model's `<|im_end|>` is special) scores with this input: `accuracy_without_eos`
+is the RM's accuracy as such a trainer reads it, `eos_sensitivity` = mean |r(y) − r(y without
+EOS)| / std r(y). Our policy stage appends the EOS to every response that ended.
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ def evaluate_reward_model(ctx: EvalContext) -> dict:
             values["bayes_accuracy"] = 1.0 / (1.0 + np.exp(-np.abs(gold_margin) / tau))
     if cfg.order_probe:
         values.update(word_order_probe(judge, task, pairs, (chosen, rejected), cfg.seed))
+    if cfg.get("eos_probe", True):
+        values.update(eos_probe(judge, pairs, (chosen, rejected)))
     metrics = {k: stats.bootstrap(v, groups, **boot).as_dict() for k, v in values.items()}
     if task is not None and hasattr(task, "well_formed"):
         metrics.update(_by_form(task, pairs, values, groups, boot))
@@ -115,6 +124,23 @@ def word_order_probe(judge, task, pairs, scores: tuple, seed: int) -> dict[str, 
         out["gold_order_preference"] = np.where(usable, _agreement(gold, np.ones_like(gold)), 0.5)
     n = len(pairs)
     return {k: (v[:n] + v[n:]) / 2 for k, v in out.items()}  # per pair: its two responses
+
+
+def eos_probe(judge, pairs, scores: tuple) -> dict[str, np.ndarray]:
+    """Per pair [N]: whether the RM still prefers the chosen response when neither response has
+    its closing EOS, and mean |r(y) − r(y without EOS)| / std r(y) over its two responses."""
+    prompts = [p.prompt for p in pairs]
+    cut = [False] * len(pairs)  # `ended` False: the ids without the closing EOS
+    chosen = judge.raw(prompts, [p.chosen for p in pairs], cut).double().numpy()
+    rejected = judge.raw(prompts, [p.rejected for p in pairs], cut).double().numpy()
+    original = np.concatenate(scores)
+    scale = original.std() or 1.0
+    change = np.abs(original - np.concatenate([chosen, rejected])) / scale
+    n = len(pairs)
+    return {
+        "accuracy_without_eos": stats.pairwise_confidence(chosen - rejected)[1],
+        "eos_sensitivity": (change[:n] + change[n:]) / 2,
+    }
 
 
 def shuffle_words(text: str, rng: random.Random) -> str:
