@@ -511,8 +511,11 @@ def policy_spec(args, ws: common.Workspace, settings: dict, **overrides) -> dict
         "lr": args.lr or LR[args.size],
         "temperature": args.temperature,
         "precision": args.precision,
-        "reward_model": str(args.reward_model.resolve()) if args.reward_model else None,
-        "policies": str(policies_dir(args, ws)) if args.gold else None,
+        # add_gold_options' (scaling.py takes only add_policy_options)
+        "reward_model": str(reward.resolve())
+        if (reward := getattr(args, "reward_model", None))
+        else None,
+        "policies": str(policies_dir(args, ws)) if getattr(args, "gold", None) else None,
         # our reward's truncation length: the model's position limit (256 unless --prompt-tokens)
         "reward_max_length": max(256, ws.model_config["max_position_embeddings"]),
     }
