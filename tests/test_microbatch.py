@@ -78,6 +78,22 @@ def test_keyed_uniform_depends_only_on_the_row_key_and_step():
     assert abs(corr.item()) < 0.01
 
 
+def test_keyed_uniform_int32_path_gives_the_int64_hashs_bits():
+    """The [B, V] table runs in wrapping int32 arithmetic; every value equals the int64 reference
+    (lowbias32 in uint32-in-int64 with split multiplies), so keyed samples did not change."""
+    from rlhf_lightning.generation.keyed import MASK32, _mix32
+
+    def reference(seeds, step, vocab):
+        lo, hi = seeds[:, None] & MASK32, (seeds[:, None] >> 32) & MASK32
+        row = _mix32(hi ^ _mix32(lo ^ _mix32(torch.full_like(lo, step & MASK32))))
+        token = torch.arange(vocab, dtype=torch.int64)[None]
+        return ((_mix32(_mix32(token ^ row) ^ lo) >> 9).float() + 0.5) * 2.0**-23
+
+    seeds = torch.tensor([0, 3, 2**31, 2**32 - 1, 2**40 + 5, 2**62 + 1, 2**63 - 1, 987654321])
+    for step in (0, 1, 47, 2**31 + 7):
+        assert torch.equal(keyed_uniform(seeds, step, 49152), reference(seeds, step, 49152))
+
+
 def test_keyed_gumbel_sampling_is_one_vectorised_draw_per_step():
     sampler = KeyedGumbelSampling([1, 2, 3], 1.0, torch.device("cpu"))
     scores = torch.zeros(3, 50)
