@@ -197,7 +197,7 @@ def test_a_pair_whose_prompts_differ_takes_the_plain_pass(sft_ctx, pair_batch, m
     calls = []
     monkeypatch.setattr(S, "shared_prefix_states", lambda *a: calls.append(1))
     mask = module._response_mask(batch)
-    ours = module._pair_logprobs(module.policy, batch, mask)
+    ours = module._pair_logprobs(module.policy, batch)
     assert calls == []
     assert torch.equal(ours, module._sequence_logprobs(module.policy, batch, mask))
 

@@ -80,7 +80,8 @@ def keyed_uniform(seeds: Tensor, step: int, vocab: int) -> Tensor:
 
 
 def keyed_uniform_at(seeds: Tensor, step: int, tokens: Tensor) -> Tensor:
-    """`keyed_uniform` at chosen (seed, token) pairs: seeds and tokens int64, broadcast together
+    """`keyed_uniform` at chosen (seed, token) pairs: seeds int64, token ids any integer type (the
+    hash runs on them as int32), broadcast together
     ([N] and [N]: the N values u[seed_i, token_i]; [B, 1] and [1, V]: the whole table)."""
     lo, hi = seeds & MASK32, (seeds >> 32) & MASK32
     row = _mix32(hi ^ _mix32(lo ^ _mix32(torch.full_like(lo, step & MASK32))))  # per seed: int64

@@ -114,7 +114,7 @@ class DPOModule(PairUnits, MicroBatchedModule):
         """The loss terms of a [2B, T] pair batch: `losses.dpo.dpo_loss`'s keys, plus the
         implicit-reward accuracy and margin (means over the pairs)."""
         mask = self._response_mask(batch)  # [2B, T]
-        policy = self._pair_logprobs(self.policy, batch, mask)  # [2B], with grad
+        policy = self._pair_logprobs(self.policy, batch)  # [2B] over `mask`, with grad
         reference = self._reference_logprobs(batch, mask)  # [2B]
         lengths = mask.sum(-1).float()  # [2B]
         hp = self.hparams
@@ -202,7 +202,7 @@ class DPOModule(PairUnits, MicroBatchedModule):
             batch = collate(mine[start : start + size])
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self._step_precision():  # the policy's precision: ρ = 0 at step 0 under bf16 too
-                values = self._pair_logprobs(self.reference, batch, self._response_mask(batch))
+                values = self._pair_logprobs(self.reference, batch)
             table[batch["index"]] = values.double().view(2, -1).T  # [B, 2]
             scored[batch["index"]] = 1.0
         table, scored = all_reduce_sum(table), all_reduce_sum(scored)
@@ -238,8 +238,8 @@ class DPOModule(PairUnits, MicroBatchedModule):
         )
         return scores.logprobs.sum(-1)
 
-    def _pair_logprobs(self, model, batch: dict, mask: torch.Tensor) -> torch.Tensor:
-        """log p(y|u) [2B] of a pair batch (rows i and B + i a pair), over `mask` =
+    def _pair_logprobs(self, model, batch: dict) -> torch.Tensor:
+        """log p(y|u) [2B] of a pair batch (rows i and B + i a pair), over the positions of
         `_response_mask(batch)`: with `shared_prefix` each pair's prompt runs once
         (`models.logprobs.pair_logprobs`); otherwise, or where it cannot share, the plain pass."""
         return pair_logprobs(
@@ -259,7 +259,7 @@ class DPOModule(PairUnits, MicroBatchedModule):
         if table is None or index is None:
             with torch.no_grad():
                 if not self.forward_batch_size or len(mask) <= 2 * self.forward_batch_size:
-                    return self._pair_logprobs(self.reference, batch, mask)
+                    return self._pair_logprobs(self.reference, batch)
                 return self._chunked_reference(batch, mask, torch.arange(len(mask)))
         table, index = table.to(mask.device), index.to(mask.device)
         known = index < len(table)
