@@ -82,7 +82,7 @@ def run_ours(spec: dict) -> dict:
         policy,
         copy.deepcopy(policy),
         tokenizer,
-        optimizer=partial(torch.optim.AdamW, lr=spec["lr"], weight_decay=0.0),
+        optimizer=partial(torch.optim.AdamW, lr=spec["lr"], weight_decay=0.0, fused=True),
         scheduler=partial(get_cosine_schedule_with_warmup, num_warmup_steps=spec["warmup_steps"]),
         beta=BETA,
         precompute_ref_logprobs=spec["precompute"],
@@ -140,7 +140,7 @@ def run_trl(spec: dict) -> dict:
             weight_decay=0.0,
             lr_scheduler_type="cosine",
             warmup_steps=spec["warmup_steps"],
-            optim="adamw_torch",
+            optim="adamw_torch_fused",  # TRL's default; ours: AdamW(fused=True)
             max_grad_norm=0.0,
             max_length=spec["max_length"],
             gradient_checkpointing=False,

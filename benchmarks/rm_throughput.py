@@ -172,7 +172,9 @@ def run_ours(spec: dict) -> dict:
     scheduler = partial(get_cosine_schedule_with_warmup, num_warmup_steps=spec["warmup_steps"])
     module = RewardModelModule(
         model,
-        optimizer=partial(torch.optim.AdamW, lr=spec["lr"], weight_decay=spec["weight_decay"]),
+        optimizer=partial(
+            torch.optim.AdamW, lr=spec["lr"], weight_decay=spec["weight_decay"], fused=True
+        ),
         scheduler=scheduler if factor.get("scheduler", True) else None,
         use_margin=False,
         shared_prefix=spec.get("shared_prefix", True),
@@ -262,7 +264,7 @@ def run_trl(spec: dict) -> dict:
             weight_decay=spec["weight_decay"],
             lr_scheduler_type="cosine",
             warmup_steps=spec["warmup_steps"],
-            optim="adamw_torch",
+            optim="adamw_torch_fused",  # TRL's default; ours: AdamW(fused=True)
             max_grad_norm=0.0,
             max_length=spec["max_length"],
             center_rewards_coefficient=None,

@@ -213,6 +213,41 @@ def test_stage_modules_and_optimisers_instantiate(tmp_path):
     assert policy_optimizer.defaults["betas"] == (0.9, 0.95)
 
 
+def test_every_stages_adamw_is_fused_and_steps_as_the_per_tensor_one(tmp_path):
+    """The stages' AdamW runs fused (one kernel over all tensors: 0.40 → 0.08 s a step for
+    SmolLM2's 135M parameters on 2 CPU threads, session 10); the step it takes is the
+    per-tensor (`foreach=False`) AdamW's to float32 round-off, after 5 steps with decay."""
+    cfg = compose(TINY, tmp_path)
+    for node in (
+        cfg.rm.module.optimizer,
+        cfg.sft.module.optimizer,
+        cfg.dpo.module.optimizer,
+        cfg.policy.optimizer,
+    ):
+        assert node.fused is True
+    factory = instantiate(cfg.rm.module.optimizer)  # lr 1e-3, weight decay 0.01
+    nets = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1))
+        optimizer = factory(net.parameters(), **({} if fused else {"fused": False}))
+        assert optimizer.defaults["fused"] is fused
+        data = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+        for _ in range(5):
+            optimizer.zero_grad()
+            net(data).square().mean().backward()
+            optimizer.step()
+        nets.append(net)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    torch.manual_seed(0)
+    start = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1))
+    assert any(
+        (a - s).abs().max() > 1e-3
+        for a, s in zip(nets[0].parameters(), start.parameters(), strict=True)
+    )  # the 5 steps moved the weights (lr 1e-3 each)
+
+
 def test_dpo_module_instantiates(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
