@@ -21,6 +21,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -156,8 +157,28 @@ def clip_grad_norm(module, optimizer, max_norm: float) -> None:
         _fsdp_clip(trainer, max_norm)
     elif isinstance(strategy, DeepSpeedStrategy):
         _check_deepspeed_clip(strategy, max_norm)
+    elif _fused_under_amp(trainer.precision_plugin, optimizer):
+        # bf16-mixed: no loss scale to unscale, so Lightning's refusal of a fused optimizer under
+        # AMP does not apply; the base plugin's clipping is the one it would run
+        Precision.clip_gradients(trainer.precision_plugin, optimizer, max_norm, "norm")
     else:
         module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+
+
+def _fused_under_amp(plugin, optimizer) -> bool:
+    """Whether `optimizer` unscales inside its step (fused AdamW) under Lightning's AMP plugin;
+    with a loss scaler (`16-mixed`) clipping would see scaled gradients: a ConfigError."""
+    unscales = getattr(optimizer, "_step_supports_amp_scaling", False)  # what Lightning reads
+    if not (isinstance(plugin, MixedPrecision) and unscales):
+        return False
+    if plugin.scaler is not None:
+        raise ConfigError(
+            "gradient clipping with a fused optimizer under precision=16-mixed: the optimiser "
+            "unscales the float16 gradients inside its step, after clipping would have seen "
+            "them scaled. Set the stage's optimizer fused=false (e.g. rm.module.optimizer."
+            "fused=false, policy.optimizer.fused=false), or use trainer.precision=bf16-mixed"
+        )
+    return True
 
 
 def _fsdp_root(trainer) -> FullyShardedDataParallel:

@@ -243,11 +243,12 @@ def test_fsdp_clip_grad_norm_equals_unsharded_clipping(fsdp_ranks):
 class _Linear(L.LightningModule):
     """Manual optimisation on a linear model: one step, clipped by `clip_grad_norm`."""
 
-    def __init__(self):
+    def __init__(self, fused: bool = False):
         super().__init__()
         self.automatic_optimization = False
         self.layer = torch.nn.Linear(4, 3)
         self.seen: dict = {}
+        self.fused = fused
 
     def training_step(self, batch, batch_idx):
         optimizer = self.optimizers()
@@ -261,17 +262,24 @@ class _Linear(L.LightningModule):
         optimizer.step()
 
     def configure_optimizers(self):
+        if self.fused:  # the stages' default (conf/*/default.yaml)
+            return torch.optim.AdamW(self.parameters(), lr=0.1, fused=True)
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_without_sharding_lightning_clips_and_the_context_is_a_no_op():
+@pytest.mark.parametrize(
+    "precision, fused",
+    [("32-true", False), ("bf16-mixed", True)],  # bf16: Lightning's AMP plugin refuses fused
+)
+def test_without_sharding_lightning_clips_and_the_context_is_a_no_op(precision, fused):
     torch.manual_seed(0)
-    module = _Linear()
+    module = _Linear(fused=fused)
     before = [p.detach().clone() for p in module.layer.parameters()]
     data = torch.utils.data.TensorDataset(torch.randn(8, 4))
     trainer = L.Trainer(
         max_steps=1,
         accelerator="cpu",
+        precision=precision,
         devices=1,
         logger=False,
         enable_checkpointing=False,
@@ -287,6 +295,18 @@ def test_without_sharding_lightning_clips_and_the_context_is_a_no_op():
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
     for inside, was in zip(module.seen["inside"], before, strict=True):
         assert torch.equal(inside, was)  # the weights as they are, untouched
+
+
+def test_a_fused_optimizer_under_a_loss_scale_is_refused_with_the_fix():
+    """16-mixed: a fused AdamW unscales inside its step, after clipping; said, not clipped."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    module = _Linear(fused=True)
+    optimizer = module.configure_optimizers()
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    module.trainer = types.SimpleNamespace(strategy=object(), precision_plugin=plugin)
+    with pytest.raises(ConfigError, match="fused=false"):
+        clip_grad_norm(module, optimizer, MAX_NORM)
 
 
 def _deepspeed_stand_in(config: dict) -> DeepSpeedStrategy:
