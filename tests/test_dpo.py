@@ -154,7 +154,8 @@ def test_a_pairs_prompt_runs_once_with_the_same_loss_gradients_and_reference(
 ):
     """`shared_prefix`: each pair's prompt runs once for chosen and rejected (policy and reference
     passes, the precomputed table too): the same log-probs, loss and gradients as the plain pass
-    (tolerance 1e-6 relative: float32 sums in another order)."""
+    (tolerance 1e-6 relative to the log-prob sums, ~ -100: float32 sums in another order; the
+    log-ratios of order 1 differ by 2 ulps of the sums, 1.5e-5)."""
     batch, items = pair_batch
     shared, plain = (
         dpo_module(sft_ctx, shared_prefix=flag, precompute_ref_logprobs=False) for flag in (1, 0)
@@ -170,9 +171,14 @@ def test_a_pairs_prompt_runs_once_with_the_same_loss_gradients_and_reference(
 
     outs = [module(batch) for module in (shared, plain)]
     assert calls() == [(rows, 2), (rows, 2)]  # the policy's pass and the reference's, in pairs
+    with torch.no_grad():  # the sums each log-ratio is a difference of (~ -100): their ulps
+        sums = float(plain._pair_logprobs(plain.reference, batch).abs().max())
     for key in ("loss", "logratio_chosen", "logratio_rejected", "reward_chosen"):
         a, b = outs[0][key].detach(), outs[1][key].detach()
-        assert torch.allclose(a, b, atol=1e-6 * float(b.abs().max()) + 1e-7), key
+        scale = {"loss": float(b.abs().max()), "reward_chosen": plain.beta.value * sums}.get(
+            key, sums
+        )  # a log-ratio's round-off is its sums'; a reward is β times one
+        assert torch.allclose(a, b, rtol=0, atol=1e-6 * scale + 1e-7), key
     assert float(outs[0]["loss"].detach()) != pytest.approx(math.log(2), abs=1e-4)  # moved
     for out in outs:
         out["loss"].backward()
