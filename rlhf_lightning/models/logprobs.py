@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from rlhf_lightning.models import shared_prefix as sharing
+from rlhf_lightning.models.attention import train_attention
 from rlhf_lightning.models.heads import accepts, head_is_exact, head_model, position_ids
 
 CHUNK_TOKENS = 2048  # positions projected onto the vocabulary at once, at most
@@ -163,7 +164,7 @@ def response_logprobs(
     labels = input_ids[rows, cols + 1]  # [N]
     hf, context = head_model(model)
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-    with context:
+    with context, train_attention():  # under grad: attention's float32 backward (`attention`)
         if hf is not None and head_is_exact(hf):
             if shared_prefix is not None and sharing.can_share(hf, input_ids, shared_prefix):
                 k, width = shared_prefix
