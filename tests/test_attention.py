@@ -220,3 +220,17 @@ def test_reward_scores_under_grad_take_it_too():
     scores.sum().backward()
     assert taken.count(True) == 2  # both layers (the rest: the score head's float64 probe)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_a_model_with_activation_checkpointing_keeps_sdpas_backward():
+    """Its backward recomputes the forward outside the context; the first forward must save
+    what the recomputation saves, or torch's checkpoint refuses the backward."""
+    model, (ids, attention, mask) = _llama(), _batch()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    taken = []
+    with _spy(taken), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = response_logprobs(model, ids, attention, mask, position_ids=position_ids(attention))
+    out.logprobs.sum().backward()
+    assert not any(taken)
+    assert all(p.grad is not None for p in model.parameters())

@@ -137,10 +137,16 @@ class _TrainAttention(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def train_attention():
-    """Context for a pass under grad: SDPA calls that `takes_over` accepts get the float32
-    backward; a no-op without grad, while compiling, or inside another such context."""
+def train_attention(model: torch.nn.Module | None = None):
+    """Context for a pass of `model` under grad: SDPA calls that `takes_over` accepts get the
+    float32 backward; a no-op without grad, while compiling, inside another such context, or
+    for a model with activation checkpointing on (its backward recomputes the forward outside
+    this context, and torch's checkpoint refuses a recomputation that saves other tensors)."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    if model is not None and any(
+        getattr(m, "gradient_checkpointing", False) and m.training for m in model.modules()
+    ):
         return contextlib.nullcontext()
     if any(isinstance(mode, _TrainAttention) for mode in _active_modes()):
         return contextlib.nullcontext()

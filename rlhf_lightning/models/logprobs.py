@@ -164,7 +164,7 @@ def response_logprobs(
     labels = input_ids[rows, cols + 1]  # [N]
     hf, context = head_model(model)
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-    with context, train_attention():  # under grad: attention's float32 backward (`attention`)
+    with context, train_attention(model):  # under grad: attention's float32 backward (`attention`)
         if hf is not None and head_is_exact(hf):
             if shared_prefix is not None and sharing.can_share(hf, input_ids, shared_prefix):
                 k, width = shared_prefix

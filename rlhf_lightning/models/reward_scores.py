@@ -41,7 +41,7 @@ def reward_scores(
     response tokens, saying where each prompt ends): the prompt then runs once per group.
     """
     hf, context = head_model(model)
-    with context, train_attention():  # under grad: attention's float32 backward (`attention`)
+    with context, train_attention(model):  # under grad: attention's float32 backward (`attention`)
         if hf is None or not score_head_is_exact(hf):
             return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
         if groups is not None and response_mask is not None:
