@@ -63,6 +63,8 @@ FACTORS = {
     "constant_lr": {"scheduler": False},  # no warm-up, no cosine decay
     "top4": {"trainable_layers": 4},  # rm.trainable_layers=4: the top 4 blocks, norm and head
     "lora16": {"lora": {"r": 16, "alpha": 32}},  # rm.lora={r:16,alpha:32}: adapter + head
+    "flash_backward": {"max_scores": 0},  # attention's backward SDPA's own (models/attention.py)
+    "unfused": {"fused": False},  # AdamW per tensor, as before the stages' fused default
 }
 
 
@@ -173,7 +175,10 @@ def run_ours(spec: dict) -> dict:
     module = RewardModelModule(
         model,
         optimizer=partial(
-            torch.optim.AdamW, lr=spec["lr"], weight_decay=spec["weight_decay"], fused=True
+            torch.optim.AdamW,
+            lr=spec["lr"],
+            weight_decay=spec["weight_decay"],
+            fused=factor.get("fused", True),
         ),
         scheduler=scheduler if factor.get("scheduler", True) else None,
         use_margin=False,
@@ -309,7 +314,14 @@ def check_same_ids(tokenizer, trl_tokenizer, rows: list[dict], max_length: int) 
 
 def run_factor(spec: dict, name: str) -> dict:
     """Our side with one setting of FACTORS changed (side `ours_<name>`)."""
-    return run_ours({**spec, "factor": FACTORS[name]})
+    from rlhf_lightning.models import attention
+
+    kept = attention.MAX_SCORES  # restored: --in-process runs the other sides after this one
+    attention.MAX_SCORES = FACTORS[name].get("max_scores", kept)
+    try:
+        return run_ours({**spec, "factor": FACTORS[name]})
+    finally:
+        attention.MAX_SCORES = kept
 
 
 WORKERS = {

@@ -25,7 +25,10 @@ import memory  # noqa: E402
 import policy_throughput  # noqa: E402
 
 RUNS = {  # run name -> (script, extra options)
-    "rm_throughput": ("rm_throughput", ["--eval-every", "3", "--factors", "shuffle", "lora16"]),
+    "rm_throughput": (
+        "rm_throughput",
+        ["--eval-every", "3", "--factors", "shuffle", "lora16", "flash_backward", "unfused"],
+    ),
     "policy_throughput": ("policy_throughput", []),
     "scaling": ("scaling", []),
     "rm_medium": ("rm_throughput", ["--size", "medium"]),
@@ -106,7 +109,8 @@ def test_clock_leaves_paused_time_out():
 
 def test_rm_quick_reports_ours_only(quick_runs):
     output, result = finished(quick_runs, "rm_throughput")
-    assert list(result["median"]) == ["ours", "ours_shuffle", "ours_lora16"]
+    sides = ["ours", "ours_shuffle", "ours_lora16", "ours_flash_backward", "ours_unfused"]
+    assert list(result["median"]) == sides
     assert result["ratio_pairs_per_s"] is None
     assert "ours / TRL" not in output
     run = result["runs"]["ours"][0]
