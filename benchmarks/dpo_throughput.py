@@ -140,7 +140,7 @@ def run_trl(spec: dict) -> dict:
             weight_decay=0.0,
             lr_scheduler_type="cosine",
             warmup_steps=spec["warmup_steps"],
-            optim="adamw_torch_fused",  # TRL's default; ours: AdamW(fused=True)
+            optim=spec.get("trl_optim", "adamw_torch_fused"),  # TRL's default; ours: fused
             max_grad_norm=0.0,
             max_length=spec["max_length"],
             gradient_checkpointing=False,
@@ -169,12 +169,26 @@ def run_trl(spec: dict) -> dict:
     return _result(spec, clock, clock.started - start, time.perf_counter() - start)
 
 
+def run_trl_torch(spec: dict) -> dict:
+    """TRL with the per-tensor AdamW (`optim="adamw_torch"`), beside its fused default."""
+    return run_trl({**spec, "trl_optim": "adamw_torch"})
+
+
 WORKERS = {
     "ours": run_ours,
     "ours_plain": run_ours_plain,
     "trl": run_trl,
+    "trl_torch": run_trl_torch,
     "prepare": common.prepare_worker,
 }
+
+
+def with_trl_optim(sides: list[str], trl_optim: str) -> list[str]:
+    """The sides for --trl-optim: TRL's fused AdamW as `trl`, its per-tensor one as `trl_torch`
+    (both: `trl`, then `trl_torch`); without TRL, unchanged."""
+    if "trl" not in sides or trl_optim == "fused":
+        return sides
+    return [s for s in sides if s != "trl" or trl_optim == "both"] + ["trl_torch"]
 
 
 def main() -> None:
@@ -185,6 +199,12 @@ def main() -> None:
     p.add_argument("--max-length", type=int, help="tokens per sequence (tiny 128, smollm2 512)")
     p.add_argument("--lr", type=float, help="AdamW learning rate (tiny 5e-4, smollm2 1e-6)")
     p.add_argument("--reference", choices=sorted(REFERENCE), default="both")
+    p.add_argument(
+        "--trl-optim",
+        choices=["fused", "torch", "both"],
+        default="fused",
+        help="TRL's AdamW: fused (its default, side trl), per tensor (side trl_torch), or both",
+    )
     args = p.parse_args()
     if args.worker:
         return common.worker_main(args, WORKERS)
@@ -198,6 +218,7 @@ def main() -> None:
     settings = common.task_settings(args.pairs, held_out, args.seed)
     steps = args.epochs * -(-args.pairs // args.batch_size)
     sides = common.our_sides(args)  # --shared-prefix on|off|both: ours, ours_plain
+    sides = with_trl_optim(sides, args.trl_optim)
     ws = common.workspace_for(args, settings)
     payload = {}
     for precompute in REFERENCE[args.reference]:
@@ -225,6 +246,11 @@ def main() -> None:
         header = ["side", "runs", "pairs/s", "median s/step", "setup s", "total s", "RSS MiB"]
         common.print_table(f"DPO training, precompute={precompute} (medians)", header, rows)
         ratio = common.ratios(results, "pairs/s")
+        if "trl_torch" in results:
+            ratio = {
+                **(ratio or {}),
+                "trl_torch": common.ratios(results, "pairs/s", "ours", "trl_torch"),
+            }
         payload[f"precompute={precompute}"] = {"spec": spec, "median": med, "ratio": ratio}
     common.write_json(args, "dpo_throughput", {"environment": common.environment(args), **payload})
 

@@ -450,3 +450,15 @@ def test_trl_eos_reward_reads_what_our_learned_reward_reads_on_smollm2(tmp_path)
         trl_text = ours.model(**plain).logits[:, 0]
     assert abs(float(trl_text[0] - expected[0])) > 1e-4  # the ended one: read before its EOS
     assert torch.allclose(trl_text[1], expected[1], atol=1e-5)  # the cut one: the same ids
+
+
+def test_dpo_trl_optim_picks_trls_adamw_sides():
+    import dpo_throughput
+
+    sides = ["ours", "ours_plain", "trl"]
+    assert dpo_throughput.with_trl_optim(sides, "fused") == sides
+    assert dpo_throughput.with_trl_optim(sides, "torch") == ["ours", "ours_plain", "trl_torch"]
+    both = dpo_throughput.with_trl_optim(sides, "both")
+    assert both == ["ours", "ours_plain", "trl", "trl_torch"]
+    assert dpo_throughput.with_trl_optim(["ours"], "both") == ["ours"]  # --ours-only
+    assert dpo_throughput.WORKERS["trl_torch"] is dpo_throughput.run_trl_torch
