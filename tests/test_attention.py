@@ -154,6 +154,14 @@ def test_the_context_is_a_no_op_without_grad_and_enters_once():
         assert isinstance(A.train_attention(), contextlib.nullcontext)
 
 
+def test_a_float32_pass_does_not_enter_it_and_a_bf16_one_does():
+    model = torch.nn.Linear(2, 2)
+    assert isinstance(A.train_attention(model), contextlib.nullcontext)  # float32, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not isinstance(A.train_attention(model), contextlib.nullcontext)
+    assert not isinstance(A.train_attention(model.bfloat16()), contextlib.nullcontext)
+
+
 def _llama(**extra):
     config = T.LlamaConfig(
         vocab_size=100,
