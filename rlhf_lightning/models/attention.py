@@ -26,7 +26,9 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+
+from rlhf_lightning.models.heads import checkpointing
 
 MAX_SCORES = 1 << 15  # query × key positions per head up to which the backward is ours
 _HALF = (torch.bfloat16, torch.float16)
@@ -144,21 +146,11 @@ def train_attention(model: torch.nn.Module | None = None):
     this context, and torch's checkpoint refuses a recomputation that saves other tensors)."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return contextlib.nullcontext()
-    if model is not None and not _may_take_over(model):  # no Python hook on each op for nothing
-        return contextlib.nullcontext()
-    if model is not None and any(
-        getattr(m, "gradient_checkpointing", False) and m.training for m in model.modules()
-    ):
-        return contextlib.nullcontext()
-    if any(isinstance(mode, _TrainAttention) for mode in _active_modes()):
+    if model is not None and (not _may_take_over(model) or checkpointing(model)):
+        return contextlib.nullcontext()  # (the first: no Python hook on every op for nothing)
+    if any(isinstance(mode, _TrainAttention) for mode in _get_current_function_mode_stack()):
         return contextlib.nullcontext()
     return _TrainAttention()
-
-
-def _active_modes():
-    from torch.overrides import _get_current_function_mode_stack
-
-    return _get_current_function_mode_stack()
 
 
 def _may_take_over(model: torch.nn.Module) -> bool:

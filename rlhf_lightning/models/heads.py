@@ -118,3 +118,9 @@ def head_is_exact(hf: PreTrainedModel) -> bool:
         exact = False
     hf._rlhf_head_is_exact = bool(exact)
     return hf._rlhf_head_is_exact
+
+
+def checkpointing(model: torch.nn.Module) -> bool:
+    """Whether a module of `model` recomputes its forward in the backward pass (activation
+    checkpointing on, in training mode): a pass must then save what the recomputation saves."""
+    return any(getattr(m, "gradient_checkpointing", False) and m.training for m in model.modules())

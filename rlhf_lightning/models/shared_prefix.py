@@ -16,7 +16,7 @@ import inspect
 import torch
 from torch import Tensor
 
-from rlhf_lightning.models.heads import agree, position_ids, probing
+from rlhf_lightning.models.heads import agree, checkpointing, position_ids, probing
 
 
 def shared_prefix_states(hf, input_ids: Tensor, attention_mask: Tensor, k: int, width: int):
@@ -117,10 +117,7 @@ def can_share(hf, input_ids: Tensor, shared_prefix: tuple[int, int]) -> bool:
     grouped = input_ids[:, :width].view(rows // k, k, width)
     if not bool((grouped == grouped[:, :1]).all()):  # rows of a group must share the prompt
         return False
-    checkpointed = any(
-        getattr(m, "gradient_checkpointing", False) and m.training for m in hf.modules()
-    )
-    if torch.is_grad_enabled() and checkpointed:
+    if torch.is_grad_enabled() and checkpointing(hf):
         return fall_back(hf, "activation checkpointing drops the cache in the backward pass")
     return shared_prefix_is_exact(hf)
 
