@@ -22,7 +22,7 @@ from transformers import (
 
 from rlhf_lightning.errors import ResourceError
 from rlhf_lightning.generation.keyed import KeyedGumbelSampling, keyed_uniform
-from rlhf_lightning.microbatch import padded_fraction, plan, trim_columns
+from rlhf_lightning.microbatch import optimiser_step, padded_fraction, plan, trim_columns
 from rlhf_lightning.models.factory import ModelSpec, train_without_dropout
 from rlhf_lightning.models.heads import position_ids
 from rlhf_lightning.models.logprobs import aligned_logprobs, entropy_from_logits, response_logprobs
@@ -59,6 +59,22 @@ def test_trim_columns_keeps_every_attended_position():
     mask = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 0, 0]])
     assert trim_columns(mask) == slice(1, 4)
 
+
+def test_optimiser_step_frees_the_gradients_once_it_has_stepped():
+    """What runs between two steps (validation, the policy's rollout) holds no gradient."""
+    layer = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in layer.parameters()]
+    seen = []
+
+    def backward():
+        layer(torch.ones(1, 3)).sum().backward()
+        seen.extend(p.grad is not None for p in layer.parameters())
+
+    optimiser_step(None, optimizer, backward)
+    assert seen == [True, True]  # the step had gradients ...
+    assert all(not torch.equal(a, p) for a, p in zip(before, layer.parameters()))  # ... took them
+    assert all(p.grad is None for p in layer.parameters())  # ... and let them go
 
 # ---- keyed noise -------------------------------------------------------------------------------
 
