@@ -317,3 +317,16 @@ def test_beta_sweep_recipe_runs_rloo_per_beta_and_writes_the_report(rm_root, tmp
         assert (job / "artifacts/policy/config.json").exists()
     assert not (rm_root / "artifacts/chat/sft").exists()  # the checkpoint is the reference
     assert (sweep / "report.md").exists() and (sweep / "report.csv").exists()
+
+
+def test_contributions_add_up_to_gold_and_name_what_decides_a_pair():
+    texts = [GOOD, *DEGENERATE, "", "I love this bottle.", "word " * 300, "Great!"]
+    for text in texts:
+        parts = judge.contributions(text, "bottle")
+        clipped = min(judge.GOLD_MAX, max(judge.GOLD_MIN, sum(parts.values())))
+        assert clipped == pytest.approx(judge.score(text, "bottle"), abs=1e-9), text
+    assert judge.contributions("")["no_words"] == judge.GOLD_MIN
+    cut, ended = judge.contributions("I love it and"), judge.contributions("I love it.")
+    assert cut["no_end"] == -judge.WEIGHTS["no_end"] and ended["no_end"] == 0.0
+    terms = ChatTask(None).gold_terms(["?", "?"], ["I love it and", "I love it."])
+    assert set(terms) == set(cut) and all(len(v) == 2 for v in terms.values())

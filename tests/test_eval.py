@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -449,3 +450,38 @@ def test_bad_eval_value_fails_in_one_line_naming_the_key(override, named, tmp_pa
     with pytest.raises(ConfigError, match=named) as err:
         validate_eval(compose_eval([override], tmp_path, tmp_path / "out"))
     assert "\n" not in str(err.value)
+
+
+def test_rm_accuracy_per_deciding_term_partitions_the_pairs():
+    """`eval.py mode=rm` on a task with `gold_terms`: each pair counted under the term whose
+    contribution differs most between its responses; accuracy per term adds up to the whole."""
+    import numpy as np
+
+    from rlhf_lightning.evaluate.rm import by_deciding_term
+
+    class Task:
+        def gold_terms(self, prompts, responses):
+            return {
+                "end": [0.0 if r.endswith(".") else -1.0 for r in responses],
+                "warmth": [0.3 * r.count("love") for r in responses],
+            }
+
+    pairs = [
+        SimpleNamespace(prompt="p0", chosen="I love it.", rejected="I love it"),  # end decides
+        SimpleNamespace(prompt="p1", chosen="love love.", rejected="ok."),  # warmth decides
+        SimpleNamespace(prompt="p2", chosen="love.", rejected="ok."),  # warmth
+        SimpleNamespace(prompt="p3", chosen="same.", rejected="same."),  # nothing differs: none
+    ]
+    correct = np.array([1.0, 0.0, 1.0, 1.0])
+    values = {"accuracy": correct, "gold_agreement": correct}
+    found = by_deciding_term(Task(), pairs, values, np.arange(4), {"n_resamples": 50, "seed": 0})
+    assert found["accuracy/decided_by_end"]["n"] == 1
+    assert found["accuracy/decided_by_end"]["mean"] == 1.0
+    assert found["accuracy/decided_by_warmth"]["n"] == 2
+    assert found["accuracy/decided_by_warmth"]["mean"] == 0.5
+    assert set(found) == {f"{k}/decided_by_{t}" for k in values for t in ("end", "warmth")}
+    from rlhf_lightning.evaluate.report import _deciding_term_rows
+
+    labels = [label for label, _ in _deciding_term_rows(found)]
+    assert labels[0] == "accuracy, 1 pair decided by gold's end term"
+    assert "accuracy, 2 pairs decided by gold's warmth term" in labels

@@ -200,6 +200,7 @@ def _rm_markdown(r: dict) -> str:
         "",
     ]
     rows = [[label, fmt(r["metrics"][key])] for key, label in RM_ROWS if key in r["metrics"]]
+    rows += _deciding_term_rows(r["metrics"])
     rows.append(["expected calibration error", fmt(r["ece"])])
     lines += _table(["metric", "value"], rows)
     lines += ["", "## Reliability (confidence bins)", ""]
@@ -215,6 +216,27 @@ def _rm_markdown(r: dict) -> str:
     ]
     lines += _table(["bin", "pairs", "mean confidence", "observed agreement"], rows)
     return "\n".join(lines) + "\n"
+
+
+def _deciding_term_rows(metrics: dict) -> list[list[str]]:
+    """Accuracy on the pairs each gold term decides (`evaluate.rm.by_deciding_term`)."""
+    rows = []
+    for key, e in metrics.items():
+        if key.startswith("accuracy/decided_by_"):
+            term = key.removeprefix("accuracy/decided_by_")
+            rows.append(
+                [
+                    f"accuracy, {e['n']} pair{'s' * (e['n'] != 1)} decided by gold's {term} term",
+                    fmt(e),
+                ]
+            )
+            for other, label in (
+                ("gold_agreement", "agreement with gold"),
+                ("bayes_accuracy", "Bayes ceiling"),
+            ):
+                if f"{other}/decided_by_{term}" in metrics:
+                    rows.append([f"  {label} on them", fmt(metrics[f"{other}/decided_by_{term}"])])
+    return rows
 
 
 def scalars(result: dict) -> dict[str, float]:

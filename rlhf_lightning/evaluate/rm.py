@@ -65,6 +65,8 @@ def evaluate_reward_model(ctx: EvalContext) -> dict:
     metrics = {k: stats.bootstrap(v, groups, **boot).as_dict() for k, v in values.items()}
     if task is not None and hasattr(task, "well_formed"):
         metrics.update(_by_form(task, pairs, values, groups, boot))
+    if task is not None and hasattr(task, "gold_terms"):
+        metrics.update(by_deciding_term(task, pairs, values, groups, boot))
     n_bins = cfg.calibration_bins
     return {
         "mode": "rm",
@@ -97,6 +99,30 @@ def _by_form(task, pairs, values: dict, groups, boot: dict) -> dict:
             if key in values and rows.any():
                 found = stats.bootstrap(values[key][rows], groups[rows], **boot).as_dict()
                 out[f"{key}/{name}"] = {**found, "n": int(rows.sum())}
+    return out
+
+
+def by_deciding_term(task, pairs, values: dict, groups, boot: dict) -> dict:
+    """Accuracy, gold agreement and the Bayes ceiling on the pairs each term of gold decides —
+    the term whose contribution (`task.gold_terms`) differs most between the pair's two
+    responses; pairs where no term differs count under none. Where an RM falls short of the
+    ceiling then shows by what it misreads: on `task=chat`, a sentence end (one token before
+    the EOS) or VADER's sentiment (a lexicon sum over the whole response)."""
+    prompts = [p.prompt for p in pairs]
+    chosen = task.gold_terms(prompts, [p.chosen for p in pairs])
+    rejected = task.gold_terms(prompts, [p.rejected for p in pairs])
+    names = list(chosen)
+    if not names:
+        return {}
+    gap = np.abs(np.array([np.subtract(chosen[n], rejected[n]) for n in names]))  # [K, N]
+    deciding, decided = gap.argmax(0), gap.max(0) > 0
+    out = {}
+    for k, name in enumerate(names):
+        rows = decided & (deciding == k)
+        for key in ("accuracy", "gold_agreement", "bayes_accuracy"):
+            if key in values and rows.any():
+                found = stats.bootstrap(values[key][rows], groups[rows], **boot).as_dict()
+                out[f"{key}/decided_by_{name}"] = {**found, "n": int(rows.sum())}
     return out
 
 

@@ -140,6 +140,17 @@ class ChatTask:
         keywords = [subject_keyword(p) for p in prompts]
         return torch.tensor(judge.scores(responses, keywords), dtype=torch.float32)
 
+    def gold_terms(
+        self, prompts: Sequence[str], responses: Sequence[str]
+    ) -> dict[str, list[float]]:
+        """Each weighted term of gold per (prompt, response), before the clip
+        (`chat_judge.contributions`): `eval.py mode=rm` reports accuracy on the pairs each term
+        decides."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        rows = [judge.contributions(r, subject_keyword(p)) for p, r in zip(prompts, responses)]
+        return {name: [row[name] for row in rows] for name in rows[0]} if rows else {}
+
     def well_formed(self, responses: Sequence[str]) -> list[bool]:
         """No degeneracy term of the judge fires (`chat_judge.well_formed`); `eval.py mode=rm`
         reports accuracy on pairs of such responses and on the others apart."""

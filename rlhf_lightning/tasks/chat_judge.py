@@ -121,3 +121,27 @@ def judge_versions() -> dict[str, str]:
 def scores(responses: Sequence[str], keywords: Sequence[str | None]) -> list[float]:
     """`score` of each response with its prompt's keyword."""
     return [score(r, k) for r, k in zip(responses, keywords, strict=True)]
+
+
+def contributions(response: str, keyword: str | None = None) -> dict[str, float]:
+    """Each term of g as g adds it — sentiment 2·vader, mention 0.5, the penalties negative —
+    and `no_words` (GOLD_MIN for a response with no words, else 0): clipped to [GOLD_MIN,
+    GOLD_MAX], their sum is `score`. The term whose contribution differs most between a pair's
+    two responses is what decides the pair (`eval.py mode=rm` reports accuracy per such term)."""
+    t = terms(response, keyword)
+    if t["words"] == 0:
+        return {**dict.fromkeys(_SIGNS, 0.0), "no_words": GOLD_MIN}
+    return {name: sign * WEIGHTS.get(name, 1.0) * t[name] for name, sign in _SIGNS.items()} | {
+        "no_words": 0.0
+    }
+
+
+_SIGNS = {  # each term's sign in g
+    "sentiment": 1.0,
+    "mention": 1.0,
+    "no_end": -1.0,
+    "repetition": -1.0,
+    "hard": -1.0,
+    "short": -1.0,
+    "long": -1.0,
+}
