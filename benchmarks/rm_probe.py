@@ -6,10 +6,16 @@ The chat RM (`experiment=smollm2_rm`) reaches ~0.66 held-out accuracy against a 
 
 - Do the checkpoint's frozen features hold the judge? For each of `--layers`, an L2-regularised
   logistic regression on the difference of the two responses' features (the last token — where
-  the RM's score head reads — or the mean over response tokens), fitted on the training labels
+  the RM's score head reads — or the mean or the sum over response tokens), fitted on the training labels
   with LBFGS, scored on the validation pairs, at each `--l2`. Features come from one no-grad
   forward under bf16 autocast, encoded as the RM stage encodes a pair (`encode_pair`: the chat
   template's prompt, the response, EOS; `--max-length` 160 as the recipe).
+- Do the features hold the judge's sentiment term at the precision the labels need? A ridge
+  regression of each training response's VADER compound (the judge's `sentiment`, no label
+  noise: 2,000 exact targets) on each pool and layer, scored on the validation responses by
+  correlation and by how often the sign of the predicted difference matches VADER's on the pairs
+  whose two responses agree on the sentence end (where sentiment decides): an RM could not
+  read sentiment better from these features than this regression does.
 - Is the judge hard to learn from that many labels? The same regression on the difference of the
   judge's own seven terms (sentiment, mention, no_end, repetition, hard, short, long:
   `tasks.chat_judge.terms`) for the first 250, 500 and all training pairs: the accuracy a reward
@@ -32,6 +38,8 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TERMS = ("sentiment", "mention", "no_end", "repetition", "hard", "short", "long")
+POOLS = ("last token", "mean of response", "sum of response")
+RIDGE = (10.0, 100.0, 1000.0)
 
 
 def read_pairs(data_dir: Path, split: str, limit: int | None) -> list[dict]:
@@ -45,7 +53,7 @@ def read_pairs(data_dir: Path, split: str, limit: int | None) -> list[dict]:
 
 
 def features(model, tokenizer, rows, layers, max_length: int, batch_pairs: int = 8):
-    """[pool (last, mean), layer, pair, side (chosen, rejected), H] float32."""
+    """[pool (POOLS: last, mean, sum), layer, pair, side (chosen, rejected), H] float32."""
     from rlhf_lightning.data.preference import PreferenceCollator, encode_pair
     from rlhf_lightning.data.records import parse_preference
 
@@ -65,10 +73,11 @@ def features(model, tokenizer, rows, layers, max_length: int, batch_pairs: int =
         h = torch.stack([states[i] for i in layers]).float()  # [L, 2b, T, H]
         last = mask.sum(-1) - 1  # right-padded: the EOS the score head reads
         pooled_last = h[:, torch.arange(len(last)), last]  # [L, 2b, H]
-        pooled_mean = (h * response[None, :, :, None]).sum(2) / response.sum(-1)[None, :, None]
-        both = torch.stack([pooled_last, pooled_mean])  # [2, L, 2b, H]: chosen rows first
+        pooled_sum = (h * response[None, :, :, None]).sum(2)
+        pooled_mean = pooled_sum / response.sum(-1)[None, :, None]
+        both = torch.stack([pooled_last, pooled_mean, pooled_sum])  # [3, L, 2b, H]: chosen first
         b = len(items)
-        out.append(torch.stack([both[:, :, :b], both[:, :, b:]], dim=3))  # [2, L, b, 2, H]
+        out.append(torch.stack([both[:, :, :b], both[:, :, b:]], dim=3))  # [3, L, b, 2, H]
     return torch.cat(out, dim=2)
 
 
@@ -90,6 +99,54 @@ def fit_logistic(x: torch.Tensor, l2: float) -> torch.Tensor:
 
 def accuracy(x: torch.Tensor, w: torch.Tensor) -> float:
     return float(((x.double() @ w) > 0).double().mean())
+
+
+def ridge(x: torch.Tensor, y: torch.Tensor, lam: float) -> tuple[torch.Tensor, float]:
+    """(w, b) minimising |x·w + b − y|² + lam·|w|² (float64; x standardised by the caller)."""
+    x, y = x.double(), y.double()
+    mean_x, mean_y = x.mean(0), y.mean()
+    xc = x - mean_x
+    gram = xc.T @ xc + lam * torch.eye(x.shape[1], dtype=torch.float64)
+    w = torch.linalg.solve(gram, xc.T @ (y - mean_y))
+    return w, float(mean_y - mean_x @ w)
+
+
+def sentiment_targets(rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair: the judge's sentiment (VADER compound) of [chosen, rejected], [N, 2] float64,
+    and whether both responses agree on the sentence end (`no_end`), [N] bool."""
+    from rlhf_lightning.tasks import chat_judge
+
+    values, same_end = [], []
+    for row in rows:
+        t = [chat_judge.terms(row[s][-1]["content"]) for s in ("chosen", "rejected")]
+        values.append([x.get("sentiment", 0.0) for x in t])
+        same_end.append(t[0].get("no_end", 1.0) == t[1].get("no_end", 1.0))
+    return torch.tensor(values, dtype=torch.float64), torch.tensor(same_end)
+
+
+def sentiment_read(f_train, f_val, train_rows, val_rows, layers) -> dict:
+    """The ridge regression of the sentiment term per pool, layer and λ (module docstring):
+    {"<pool>/<layer>": {λ: {"correlation", "sign_agreement_same_end"}}}."""
+    y_train, _ = sentiment_targets(train_rows)
+    y_val, same_end = sentiment_targets(val_rows)
+    out = {}
+    for p, pool in enumerate(POOLS):
+        for li, layer in enumerate(layers):
+            x_train = f_train[p, li].reshape(-1, f_train.shape[-1]).double()  # [2N, H]
+            x_val = f_val[p, li].reshape(-1, f_val.shape[-1]).double()
+            mean, scale = x_train.mean(0), x_train.std(0) + 1e-6
+            row = {}
+            for lam in RIDGE:
+                w, b = ridge((x_train - mean) / scale, y_train.reshape(-1), lam)
+                pred = ((x_val - mean) / scale @ w + b).reshape(-1, 2)
+                corr = torch.corrcoef(torch.stack([pred.reshape(-1), y_val.reshape(-1)]))[0, 1]
+                agree = ((pred[:, 0] > pred[:, 1]) == (y_val[:, 0] > y_val[:, 1]))[same_end]
+                row[lam] = {
+                    "correlation": float(corr),
+                    "sign_agreement_same_end": float(agree.double().mean()),
+                }
+            out[f"{pool}/{layer}"] = row
+    return out
 
 
 def term_differences(rows) -> torch.Tensor:
@@ -138,7 +195,7 @@ def main(argv=None) -> int:
     print(f"features of {2 * (len(train) + len(val))} sequences: {report['feature_seconds']:.0f} s")
     print("\n| pool | layer | " + " | ".join(f"val acc (l2 {c:g})" for c in args.l2) + " |")
     print("|---|---|" + "---|" * len(args.l2))
-    for pool_index, pool in enumerate(("last token", "mean of response")):
+    for pool_index, pool in enumerate(POOLS):
         for layer_index, layer in enumerate(args.layers):
             x_train = (
                 f_train[pool_index, layer_index, :, 0] - f_train[pool_index, layer_index, :, 1]
@@ -154,6 +211,25 @@ def main(argv=None) -> int:
                 f"{row[c]['val']:.3f} (train {row[c]['train']:.2f})" for c in args.l2
             )
             print(f"| {pool} | {layer} | {cells} |")
+    report["sentiment_read"] = sentiment_read(f_train, f_val, train, val, args.layers)
+    print(
+        "\nthe judge's sentiment term regressed directly on the features (no label noise); "
+        "val: correlation, and sign agreement of the pair difference where the sentence ends agree"
+    )
+    print("\n| pool | layer | " + " | ".join(f"ridge {lam:g}" for lam in RIDGE) + " |")
+    print("|---|---|" + "---|" * len(RIDGE))
+    for key, row in report["sentiment_read"].items():
+        pool, layer = key.rsplit("/", 1)
+        cells = " | ".join(
+            f"{row[lam]['correlation']:.3f}, {row[lam]['sign_agreement_same_end']:.3f}"
+            for lam in RIDGE
+        )
+        print(f"| {pool} | {layer} | {cells} |")
+    _, same_end = sentiment_targets(val)
+    signs = term_differences(val)[:, TERMS.index("sentiment")]
+    follow = float((signs[same_end] > 0).double().mean())
+    report["labels_follow_sentiment_same_end"] = follow
+    print(f"(the labels follow VADER's sign on {follow:.3f} of those val pairs)")
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / "rm_probe.smollm2.json"
     out.write_text(

@@ -402,6 +402,38 @@ def test_rm_probe_fits_a_separable_preference_direction_and_reads_the_judges_ter
     assert terms["no_end"] == -1.0  # the rejected one does not close its sentence
 
 
+def test_rm_probe_reads_the_sentiment_term_back_from_features_that_hold_it():
+    """rm_probe's ridge regression: exact on a linear target; `sentiment_read` gives correlation
+    ≈ 1 and full sign agreement when a feature is the judge's sentiment, ≈ 0 when none is."""
+    import rm_probe
+
+    torch = pytest.importorskip("torch")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=generator, dtype=torch.float64)
+    w, b = rm_probe.ridge(x, x @ torch.arange(5.0, dtype=torch.float64) + 3.0, 1e-9)
+    assert torch.allclose(w, torch.arange(5.0, dtype=torch.float64), atol=1e-6)
+    assert b == pytest.approx(3.0, abs=1e-6)
+    words = ["lovely", "good", "fine", "bad", "awful", "great", "nice", "sad", "happy", "dull"]
+
+    def row(a, c):
+        reply = [{"role": "assistant", "content": f"It was {a}."}]
+        return {"prompt": [], "chosen": reply, "rejected": [{**reply[0], "content": f"So {c}."}]}
+
+    rows = [row(a, c) for a in words for c in words if a != c]  # every pair ends its sentence
+    sentiment, same_end = rm_probe.sentiment_targets(rows)
+    assert bool(same_end.all()) and sentiment.std() > 0.3
+    noise = torch.randn(len(rows), 2, 3, generator=generator)
+    holds = torch.cat([sentiment.float()[..., None], noise], -1)  # [N, 2, 4]: feature 0 is it
+    features = torch.stack([holds, torch.cat([noise, noise[..., :1]], -1)])[:, None]  # 2 "pools"
+    train, val = features[:, :, :60], features[:, :, 60:]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rm_probe, "POOLS", ("holds", "noise"))
+        read = rm_probe.sentiment_read(train, val, rows[:60], rows[60:], [7])
+    assert read["holds/7"][10.0]["correlation"] > 0.99
+    assert read["holds/7"][10.0]["sign_agreement_same_end"] == 1.0
+    assert abs(read["noise/7"][10.0]["correlation"]) < 0.4
+
+
 @pytest.mark.slow
 def test_trl_eos_reward_reads_what_our_learned_reward_reads_on_smollm2(tmp_path):
     """On SmolLM2's tokenizer (pad made distinct from EOS <|im_end|>): the trl_eos side's reward
