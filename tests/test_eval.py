@@ -362,6 +362,9 @@ def test_eval_rm_mode_accuracy_calibration_and_reliability_plot(trained, tmp_pat
     assert metrics["bayes_accuracy"]["mean"] == pytest.approx(
         card["bayes_accuracy"]["test"], abs=1e-5
     )
+    expected = metrics["expected_accuracy"]["mean"]
+    assert 1 - metrics["bayes_accuracy"]["mean"] <= expected <= metrics["bayes_accuracy"]["mean"]
+    assert "expected accuracy over the labels' draw" in (out / "eval.md").read_text()
     assert metrics["label_gold_agreement"]["mean"] == pytest.approx(
         card["label_gold_agreement"]["test"], abs=1e-5
     )
@@ -485,3 +488,22 @@ def test_rm_accuracy_per_deciding_term_partitions_the_pairs():
     labels = [label for label, _ in _deciding_term_rows(found)]
     assert labels[0] == "accuracy, 1 pair decided by gold's end term"
     assert "accuracy, 2 pairs decided by gold's warmth term" in labels
+
+
+def test_expected_accuracy_is_the_mean_over_bradley_terry_draws_of_the_labels():
+    """σ(|Δg|/τ) where the judge orders a pair as gold does, 1 − σ where not, ½ on a tie; and the
+    accuracy on labels drawn from Bradley–Terry under gold averages to it."""
+    from rlhf_lightning.evaluate.rm import expected_accuracy
+
+    rng = np.random.default_rng(0)
+    gold_margin = rng.normal(0.0, 1.0, 200)
+    tau = 0.3
+    ceiling = 1 / (1 + np.exp(-np.abs(gold_margin) / tau))
+    assert np.allclose(expected_accuracy(gold_margin, gold_margin, tau), ceiling)
+    assert np.allclose(expected_accuracy(-gold_margin, gold_margin, tau), 1 - ceiling)
+    assert np.all(expected_accuracy(np.zeros(200), gold_margin, tau) == 0.5)
+    judge = gold_margin + rng.normal(0.0, 1.0, 200)  # agrees with gold on some pairs
+    p_first = 1 / (1 + np.exp(-gold_margin / tau))  # P(the first response is labelled chosen)
+    draws = rng.random((20_000, 200)) < p_first  # [draw, pair]: first response chosen?
+    sampled = np.where(draws, judge > 0, judge < 0).mean()
+    assert sampled == pytest.approx(expected_accuracy(judge, gold_margin, tau).mean(), abs=2e-3)

@@ -29,6 +29,7 @@ RM_ROWS = [
     ("gold_agreement", "agreement with gold"),
     ("label_gold_agreement", "labels' agreement with gold"),
     ("bayes_accuracy", "Bayes ceiling σ(∣g⁺−g⁻∣/τ)"),
+    ("expected_accuracy", "expected accuracy over the labels' draw (vs the ceiling)"),
     ("margin", "mean margin r⁺ − r⁻"),
     ("confidence", "mean confidence σ(∣r⁺ − r⁻∣)"),
     ("accuracy/well_formed", "accuracy, pairs of well-formed responses"),

@@ -58,6 +58,7 @@ def evaluate_reward_model(ctx: EvalContext) -> dict:
         values["label_gold_agreement"] = _agreement(np.ones_like(margin), gold_margin)
         if tau is not None:
             values["bayes_accuracy"] = 1.0 / (1.0 + np.exp(-np.abs(gold_margin) / tau))
+            values["expected_accuracy"] = expected_accuracy(margin, gold_margin, tau)
     if cfg.order_probe:
         values.update(word_order_probe(judge, task, pairs, (chosen, rejected), cfg.seed))
     if cfg.get("eos_probe", True):
@@ -179,6 +180,17 @@ def shuffle_words(text: str, rng: random.Random) -> str:
     rng.shuffle(head)
     lead = text[: len(text) - len(text.lstrip())]
     return lead + " ".join([*head, words[-1]])
+
+
+def expected_accuracy(margin: np.ndarray, gold_margin: np.ndarray, tau: float) -> np.ndarray:
+    """Per pair, the judge's accuracy averaged over the labels' own draw (Bradley–Terry under
+    gold at temperature τ): σ(|Δg|/τ) where it orders the pair as gold does, 1 − σ(|Δg|/τ) where
+    it does not, ½ on a tie. Its mean is the accuracy the sampled labels estimate, without their
+    sampling noise, and on the same footing as the Bayes ceiling (gold's own expected accuracy):
+    the share of the way from 0.5 to the ceiling is best read from these two."""
+    ceiling = 1.0 / (1.0 + np.exp(-np.abs(gold_margin) / tau))
+    agree = _agreement(margin, gold_margin)
+    return agree * ceiling + (1.0 - agree) * (1.0 - ceiling)
 
 
 def _agreement(margin: np.ndarray, gold_margin: np.ndarray) -> np.ndarray:
