@@ -160,6 +160,58 @@ def peak_rss_mb() -> float:
         return psutil.Process().memory_info().peak_wset / 2**20
 
 
+class RssTrace:
+    """This process's resident set size sampled every `every` seconds on a daemon thread (Linux:
+    /proc/self/status; elsewhere `start` returns None). `summary()`: the largest sample, when it
+    came (seconds since the trace started) and the largest sample of each whole second — where in
+    a run the peak falls (setup, training, the held-out scoring after it), which the peak alone
+    does not say. A worker's JSON carries it as `rss_trace`."""
+
+    STATUS = Path("/proc/self/status")
+
+    def __init__(self, every: float = 0.02) -> None:
+        import threading
+
+        self.every, self.samples = every, []
+        self.started = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @classmethod
+    def start(cls, every: float = 0.02) -> RssTrace | None:
+        if not cls.STATUS.exists():
+            return None
+        trace = cls(every)
+        trace._thread.start()
+        return trace
+
+    @classmethod
+    def rss_mb(cls) -> float:
+        for line in cls.STATUS.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024  # kB
+        raise RuntimeError(f"no VmRSS line in {cls.STATUS}")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter() - self.started, self.rss_mb()))
+            self._stop.wait(self.every)
+
+    def summary(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((time.perf_counter() - self.started, self.rss_mb()))
+        at, peak = max(self.samples, key=lambda sample: sample[1])
+        per_second: dict[int, float] = {}
+        for t, mb in self.samples:
+            per_second[int(t)] = max(per_second.get(int(t), 0.0), mb)
+        return {
+            "peak_mb": round(peak, 1),
+            "peak_at_s": round(at, 2),
+            "per_second_mb": [round(per_second[k], 1) for k in sorted(per_second)],
+        }
+
+
 class StepClock:
     """When each optimisation step ended; `steady(warmup)`: (steps, seconds) after the warm-up.
 
@@ -528,10 +580,13 @@ def run_worker(script: Path, side: str, spec: dict, threads: int, timeout: float
 
 def worker_main(args: argparse.Namespace, workers: dict[str, Callable[[dict], dict]]) -> None:
     """Body of `--worker SIDE`: run one side on the spec and write its result."""
+    trace = RssTrace.start()
     setup_process(args.threads)
     spec = json.loads(args.spec.read_text())
     result = workers[args.worker](spec)
     result["peak_rss_mb"] = peak_rss_mb()
+    if trace is not None:
+        result["rss_trace"] = trace.summary()
     args.out.write_text(json.dumps(result))
 
 
@@ -561,7 +616,11 @@ def measure(
 
 def brief(result: dict) -> str:
     keys = ("throughput", "step_s", "accuracy", "peak_rss_mb")
-    return ", ".join(f"{k}={result[k]:.4g}" for k in keys if isinstance(result.get(k), float))
+    line = ", ".join(f"{k}={result[k]:.4g}" for k in keys if isinstance(result.get(k), float))
+    trace = result.get("rss_trace")
+    return line + (
+        f" (at {trace['peak_at_s']:.0f} s of {len(trace['per_second_mb'])})" if trace else ""
+    )
 
 
 def median(results: list[dict], key: str) -> float | None:
@@ -616,6 +675,7 @@ def workspace_for(args: argparse.Namespace, settings: dict) -> Workspace:
     spec = {"root": str(root), "settings": settings, "seed": args.seed, "config": config}
     made = run_worker(Path(sys.argv[0]).resolve(), "prepare", spec, args.threads)
     made.pop("peak_rss_mb")
+    made.pop("rss_trace", None)
     return Workspace(**made)
 
 

@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,25 @@ def test_time_to_target_and_value_at_equal_time_by_hand():
     assert common.time_to_target(curve, 0.80) is None  # never reached
     assert common.value_at(curve, 3.5) == 0.68  # the last evaluation before 3.5 s
     assert common.value_at(curve, 0.5) is None
+
+
+def test_rss_trace_sees_a_peak_that_has_come_and_gone_and_says_when():
+    """benchmarks' RssTrace: a 256 MiB buffer held for half a second, then freed, shows as the
+    peak (the process's RSS before and after it is lower), at the time it was held."""
+    if not common.RssTrace.STATUS.exists():
+        pytest.skip("no /proc/self/status")
+    before = common.RssTrace.rss_mb()
+    trace = common.RssTrace.start(every=0.01)
+    time.sleep(0.3)
+    held_from = time.perf_counter() - trace.started
+    buffer = b"\x01" * (256 * 2**20)  # written: resident
+    time.sleep(0.5)
+    del buffer
+    time.sleep(0.3)
+    found = trace.summary()
+    assert found["peak_mb"] >= max(before, common.RssTrace.rss_mb()) + 200
+    assert held_from <= found["peak_at_s"] <= held_from + 0.6
+    assert max(found["per_second_mb"]) == found["peak_mb"]
 
 
 def test_clock_leaves_paused_time_out():
