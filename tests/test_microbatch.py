@@ -76,6 +76,7 @@ def test_optimiser_step_frees_the_gradients_once_it_has_stepped():
     assert all(not torch.equal(a, p) for a, p in zip(before, layer.parameters()))  # ... took them
     assert all(p.grad is None for p in layer.parameters())  # ... and let them go
 
+
 # ---- keyed noise -------------------------------------------------------------------------------
 
 
