@@ -94,8 +94,14 @@ def _by_form(task, pairs, values: dict, groups, boot: dict) -> dict:
     both = np.array(task.well_formed([p.chosen for p in pairs])) & np.array(
         task.well_formed([p.rejected for p in pairs])
     )
+    return _on_subsets(values, groups, boot, {"well_formed": both, "malformed": ~both})
+
+
+def _on_subsets(values: dict, groups, boot: dict, subsets: dict[str, np.ndarray]) -> dict:
+    """Accuracy, gold agreement and the Bayes ceiling on each named subset of the pairs (a [N]
+    bool mask): `<key>/<name>` with the subset's size `n`; an empty subset is left out."""
     out = {}
-    for name, rows in (("well_formed", both), ("malformed", ~both)):
+    for name, rows in subsets.items():
         for key in ("accuracy", "gold_agreement", "bayes_accuracy"):
             if key in values and rows.any():
                 found = stats.bootstrap(values[key][rows], groups[rows], **boot).as_dict()
@@ -117,14 +123,8 @@ def by_deciding_term(task, pairs, values: dict, groups, boot: dict) -> dict:
         return {}
     gap = np.abs(np.array([np.subtract(chosen[n], rejected[n]) for n in names]))  # [K, N]
     deciding, decided = gap.argmax(0), gap.max(0) > 0
-    out = {}
-    for k, name in enumerate(names):
-        rows = decided & (deciding == k)
-        for key in ("accuracy", "gold_agreement", "bayes_accuracy"):
-            if key in values and rows.any():
-                found = stats.bootstrap(values[key][rows], groups[rows], **boot).as_dict()
-                out[f"{key}/decided_by_{name}"] = {**found, "n": int(rows.sum())}
-    return out
+    subsets = {f"decided_by_{name}": decided & (deciding == k) for k, name in enumerate(names)}
+    return _on_subsets(values, groups, boot, subsets)
 
 
 def word_order_probe(judge, task, pairs, scores: tuple, seed: int) -> dict[str, np.ndarray]:
