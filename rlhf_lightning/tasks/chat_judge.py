@@ -73,21 +73,34 @@ def terms(response: str, keyword: str | None = None) -> dict[str, float]:
 
 
 def score(response: str, keyword: str | None = None) -> float:
-    """g of one response (module docstring); `keyword`: the prompt subject's head word."""
+    """g of one response (module docstring); `keyword`: the prompt subject's head word. The sum of
+    `contributions` in their order, which is g's formula term for term (the same bits as writing
+    it out: checked on every cached chat response), clipped."""
+    return min(GOLD_MAX, max(GOLD_MIN, sum(contributions(response, keyword).values())))
+
+
+def contributions(response: str, keyword: str | None = None) -> dict[str, float]:
+    """Each term of g as g adds it — sentiment 2·vader, mention 0.5, the penalties negative —
+    and `no_words` (GOLD_MIN for a response with no words, else 0): clipped to [GOLD_MIN,
+    GOLD_MAX], their sum is `score`. The term whose contribution differs most between a pair's
+    two responses is what decides the pair (`eval.py mode=rm` reports accuracy per such term)."""
     t = terms(response, keyword)
     if t["words"] == 0:
-        return GOLD_MIN
-    w = WEIGHTS
-    g = (
-        w["sentiment"] * t["sentiment"]
-        + w["mention"] * t["mention"]
-        - w["no_end"] * t["no_end"]
-        - w["repetition"] * t["repetition"]
-        - t["hard"]
-        - t["short"]
-        - t["long"]
-    )
-    return min(GOLD_MAX, max(GOLD_MIN, g))
+        return {**dict.fromkeys(_SIGNS, 0.0), "no_words": GOLD_MIN}
+    return {name: sign * WEIGHTS.get(name, 1.0) * t[name] for name, sign in _SIGNS.items()} | {
+        "no_words": 0.0
+    }
+
+
+_SIGNS = {  # each term's sign in g
+    "sentiment": 1.0,
+    "mention": 1.0,
+    "no_end": -1.0,
+    "repetition": -1.0,
+    "hard": -1.0,
+    "short": -1.0,
+    "long": -1.0,
+}
 
 
 def well_formed(response: str) -> bool:
@@ -121,27 +134,3 @@ def judge_versions() -> dict[str, str]:
 def scores(responses: Sequence[str], keywords: Sequence[str | None]) -> list[float]:
     """`score` of each response with its prompt's keyword."""
     return [score(r, k) for r, k in zip(responses, keywords, strict=True)]
-
-
-def contributions(response: str, keyword: str | None = None) -> dict[str, float]:
-    """Each term of g as g adds it — sentiment 2·vader, mention 0.5, the penalties negative —
-    and `no_words` (GOLD_MIN for a response with no words, else 0): clipped to [GOLD_MIN,
-    GOLD_MAX], their sum is `score`. The term whose contribution differs most between a pair's
-    two responses is what decides the pair (`eval.py mode=rm` reports accuracy per such term)."""
-    t = terms(response, keyword)
-    if t["words"] == 0:
-        return {**dict.fromkeys(_SIGNS, 0.0), "no_words": GOLD_MIN}
-    return {name: sign * WEIGHTS.get(name, 1.0) * t[name] for name, sign in _SIGNS.items()} | {
-        "no_words": 0.0
-    }
-
-
-_SIGNS = {  # each term's sign in g
-    "sentiment": 1.0,
-    "mention": 1.0,
-    "no_end": -1.0,
-    "repetition": -1.0,
-    "hard": -1.0,
-    "short": -1.0,
-    "long": -1.0,
-}
