@@ -6,8 +6,8 @@ The chat RM (`experiment=smollm2_rm`) reaches ~0.66 held-out accuracy against a 
 
 - Do the checkpoint's frozen features hold the judge? For each of `--layers`, an L2-regularised
   logistic regression on the difference of the two responses' features (the last token — where
-  the RM's score head reads — or the mean or the sum over response tokens), fitted on the training labels
-  with LBFGS, scored on the validation pairs, at each `--l2`. Features come from one no-grad
+  the RM's score head reads — or the mean or the sum over response tokens), fitted on the
+  training labels with LBFGS, scored on the validation pairs, at each `--l2`. Features come from one no-grad
   forward under bf16 autocast, encoded as the RM stage encodes a pair (`encode_pair`: the chat
   template's prompt, the response, EOS; `--max-length` 160 as the recipe).
 - Do the features hold the judge's sentiment term at the precision the labels need? A ridge
@@ -111,24 +111,32 @@ def ridge(x: torch.Tensor, y: torch.Tensor, lam: float) -> tuple[torch.Tensor, f
     return w, float(mean_y - mean_x @ w)
 
 
-def sentiment_targets(rows) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per pair: the judge's sentiment (VADER compound) of [chosen, rejected], [N, 2] float64,
-    and whether both responses agree on the sentence end (`no_end`), [N] bool."""
+def sentiment_targets(rows) -> torch.Tensor:
+    """Per pair: the judge's sentiment (VADER compound) of [chosen, rejected], [N, 2] float64."""
     from rlhf_lightning.tasks import chat_judge
 
-    values, same_end = [], []
-    for row in rows:
-        t = [chat_judge.terms(row[s][-1]["content"]) for s in ("chosen", "rejected")]
-        values.append([x.get("sentiment", 0.0) for x in t])
-        same_end.append(t[0].get("no_end", 1.0) == t[1].get("no_end", 1.0))
-    return torch.tensor(values, dtype=torch.float64), torch.tensor(same_end)
+    return torch.tensor(
+        [
+            [
+                chat_judge.terms(row[s][-1]["content"]).get("sentiment", 0.0)
+                for s in ("chosen", "rejected")
+            ]
+            for row in rows
+        ],
+        dtype=torch.float64,
+    )
 
 
-def sentiment_read(f_train, f_val, train_rows, val_rows, layers) -> dict:
-    """The ridge regression of the sentiment term per pool, layer and λ (module docstring):
+def same_end(term_diffs: torch.Tensor) -> torch.Tensor:
+    """[N] bool: the pair's two responses agree on the sentence end (`term_differences` rows)."""
+    return term_diffs[:, TERMS.index("no_end")] == 0
+
+
+def sentiment_read(f_train, f_val, train_rows, val_rows, layers, val_same_end) -> dict:
+    """The ridge regression of the sentiment term per pool, layer and λ (module docstring),
+    scored on the validation pairs where `val_same_end`:
     {"<pool>/<layer>": {λ: {"correlation", "sign_agreement_same_end"}}}."""
-    y_train, _ = sentiment_targets(train_rows)
-    y_val, same_end = sentiment_targets(val_rows)
+    y_train, y_val = sentiment_targets(train_rows), sentiment_targets(val_rows)
     out = {}
     for p, pool in enumerate(POOLS):
         for li, layer in enumerate(layers):
@@ -140,7 +148,7 @@ def sentiment_read(f_train, f_val, train_rows, val_rows, layers) -> dict:
                 w, b = ridge((x_train - mean) / scale, y_train.reshape(-1), lam)
                 pred = ((x_val - mean) / scale @ w + b).reshape(-1, 2)
                 corr = torch.corrcoef(torch.stack([pred.reshape(-1), y_val.reshape(-1)]))[0, 1]
-                agree = ((pred[:, 0] > pred[:, 1]) == (y_val[:, 0] > y_val[:, 1]))[same_end]
+                agree = ((pred[:, 0] > pred[:, 1]) == (y_val[:, 0] > y_val[:, 1]))[val_same_end]
                 row[lam] = {
                     "correlation": float(corr),
                     "sign_agreement_same_end": float(agree.double().mean()),
@@ -211,7 +219,8 @@ def main(argv=None) -> int:
                 f"{row[c]['val']:.3f} (train {row[c]['train']:.2f})" for c in args.l2
             )
             print(f"| {pool} | {layer} | {cells} |")
-    report["sentiment_read"] = sentiment_read(f_train, f_val, train, val, args.layers)
+    agreeing = same_end(terms_val)
+    report["sentiment_read"] = sentiment_read(f_train, f_val, train, val, args.layers, agreeing)
     print(
         "\nthe judge's sentiment term regressed directly on the features (no label noise); "
         "val: correlation, and sign agreement of the pair difference where the sentence ends agree"
@@ -225,9 +234,8 @@ def main(argv=None) -> int:
             for lam in RIDGE
         )
         print(f"| {pool} | {layer} | {cells} |")
-    _, same_end = sentiment_targets(val)
-    signs = term_differences(val)[:, TERMS.index("sentiment")]
-    follow = float((signs[same_end] > 0).double().mean())
+    signs = terms_val[:, TERMS.index("sentiment")]  # chosen − rejected: the labels' side
+    follow = float((signs[agreeing] > 0).double().mean())
     report["labels_follow_sentiment_same_end"] = follow
     print(f"(the labels follow VADER's sign on {follow:.3f} of those val pairs)")
     args.results.mkdir(parents=True, exist_ok=True)

@@ -437,10 +437,16 @@ def test_rm_probe_reads_the_sentiment_term_back_from_features_that_hold_it():
 
     def row(a, c):
         reply = [{"role": "assistant", "content": f"It was {a}."}]
-        return {"prompt": [], "chosen": reply, "rejected": [{**reply[0], "content": f"So {c}."}]}
+        prompt = [{"role": "user", "content": "How was it?"}]
+        return {
+            "prompt": prompt,
+            "chosen": reply,
+            "rejected": [{**reply[0], "content": f"So {c}."}],
+        }
 
     rows = [row(a, c) for a in words for c in words if a != c]  # every pair ends its sentence
-    sentiment, same_end = rm_probe.sentiment_targets(rows)
+    sentiment = rm_probe.sentiment_targets(rows)
+    same_end = rm_probe.same_end(rm_probe.term_differences(rows))
     assert bool(same_end.all()) and sentiment.std() > 0.3
     noise = torch.randn(len(rows), 2, 3, generator=generator)
     holds = torch.cat([sentiment.float()[..., None], noise], -1)  # [N, 2, 4]: feature 0 is it
@@ -448,7 +454,7 @@ def test_rm_probe_reads_the_sentiment_term_back_from_features_that_hold_it():
     train, val = features[:, :, :60], features[:, :, 60:]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(rm_probe, "POOLS", ("holds", "noise"))
-        read = rm_probe.sentiment_read(train, val, rows[:60], rows[60:], [7])
+        read = rm_probe.sentiment_read(train, val, rows[:60], rows[60:], [7], same_end[60:])
     assert read["holds/7"][10.0]["correlation"] > 0.99
     assert read["holds/7"][10.0]["sign_agreement_same_end"] == 1.0
     assert abs(read["noise/7"][10.0]["correlation"]) < 0.4
