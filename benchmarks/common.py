@@ -160,14 +160,26 @@ def peak_rss_mb() -> float:
         return psutil.Process().memory_info().peak_wset / 2**20
 
 
+def status_mb(key: str) -> float:
+    """A `/proc/self/status` memory line of this process (VmRSS, VmHWM, ...) in MiB; psutil's RSS
+    where there is no /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
 class RssTrace:
-    """This process's resident set size sampled every `every` seconds on a daemon thread (Linux:
-    /proc/self/status; elsewhere `start` returns None). `summary()`: the largest sample, when it
+    """This process's resident set size (`status_mb("VmRSS")`) sampled every `every` seconds on a
+    daemon thread. `summary()`: the largest sample, when it
     came (seconds since the trace started) and the largest sample of each whole second — where in
     a run the peak falls (setup, training, the held-out scoring after it), which the peak alone
     does not say. A worker's JSON carries it as `rss_trace`."""
-
-    STATUS = Path("/proc/self/status")
 
     def __init__(self, every: float = 0.02) -> None:
         import threading
@@ -178,29 +190,20 @@ class RssTrace:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @classmethod
-    def start(cls, every: float = 0.02) -> RssTrace | None:
-        if not cls.STATUS.exists():
-            return None
+    def start(cls, every: float = 0.02) -> RssTrace:
         trace = cls(every)
         trace._thread.start()
         return trace
 
-    @classmethod
-    def rss_mb(cls) -> float:
-        for line in cls.STATUS.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024  # kB
-        raise RuntimeError(f"no VmRSS line in {cls.STATUS}")
-
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.perf_counter() - self.started, self.rss_mb()))
+            self.samples.append((time.perf_counter() - self.started, status_mb("VmRSS")))
             self._stop.wait(self.every)
 
     def summary(self) -> dict:
         self._stop.set()
         self._thread.join()
-        self.samples.append((time.perf_counter() - self.started, self.rss_mb()))
+        self.samples.append((time.perf_counter() - self.started, status_mb("VmRSS")))
         at, peak = max(self.samples, key=lambda sample: sample[1])
         per_second: dict[int, float] = {}
         for t, mb in self.samples:
@@ -585,8 +588,7 @@ def worker_main(args: argparse.Namespace, workers: dict[str, Callable[[dict], di
     spec = json.loads(args.spec.read_text())
     result = workers[args.worker](spec)
     result["peak_rss_mb"] = peak_rss_mb()
-    if trace is not None:
-        result["rss_trace"] = trace.summary()
+    result["rss_trace"] = trace.summary()
     args.out.write_text(json.dumps(result))
 
 

@@ -48,12 +48,12 @@ class StepPeak:
     def start(self) -> None:
         gc.collect()
         self.method = "VmHWM" if _reset_high_water() else "ru_maxrss"
-        self.before = _status("VmRSS")
+        self.before = common.status_mb("VmRSS")
         self.started = time.perf_counter()
 
     def stop(self) -> dict:
         seconds = time.perf_counter() - self.started
-        peak = _status("VmHWM") if self.method == "VmHWM" else common.peak_rss_mb()
+        peak = common.status_mb("VmHWM") if self.method == "VmHWM" else common.peak_rss_mb()
         return {
             "rss_before_mb": self.before,
             "peak_mb": peak,
@@ -69,19 +69,6 @@ def _reset_high_water() -> bool:
         return True
     except OSError:
         return False
-
-
-def _status(key: str) -> float:
-    """A `/proc/self/status` memory line in MiB (psutil's RSS where there is no /proc)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
 
 
 # --- 1. reward-model step ----------------------------------------------------------------------
