@@ -117,15 +117,21 @@ class PhaseTimer:
 
 
 class _TimedReward:
+    """The policy's reward, timed as the "reward" phase. It reads what the reward reads
+    (`rewards.base.score` passes `ended` and `group_size` only to a reward that says it reads
+    them): without that, our side scored every response as ended and without the shared prompt."""
+
     def __init__(self, reward, timer: PhaseTimer):
         self.reward, self.timer = reward, timer
+        self.reads_ended = getattr(reward, "reads_ended", False)
+        self.reads_groups = getattr(reward, "reads_groups", False)
 
     def to(self, device):
         self.reward.to(device)
         return self
 
-    def __call__(self, prompts, responses):
-        return self.timer.timed("reward", self.reward)(prompts, responses)
+    def __call__(self, prompts, responses, **kwargs):
+        return self.timer.timed("reward", self.reward)(prompts, responses, **kwargs)
 
 
 def _clock_callback(clock: common.StepClock, timer: PhaseTimer):

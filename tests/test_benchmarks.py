@@ -169,6 +169,30 @@ def test_policy_quick_reports_phases(quick_runs):
     assert "time per step by phase" in output
 
 
+def test_the_timed_reward_reads_what_the_reward_reads():
+    """The phase timer's wrapper hands `ended` and `group_size` on to a reward that reads them
+    (our learned RM: cut responses scored without an EOS, prompts once per group) and to no other;
+    it once hid both, so the benchmark's side scored as the recipe does not."""
+    from rlhf_lightning.rewards.base import score
+
+    class Reward:
+        def __init__(self, reads: bool):
+            self.reads_ended = self.reads_groups = reads
+            self.kwargs = None
+
+        def __call__(self, prompts, responses, **kwargs):
+            self.kwargs = kwargs
+            return torch.zeros(len(prompts))
+
+    torch = pytest.importorskip("torch")
+    for reads, expected in ((True, {"ended": [False, True], "group_size": 2}), (False, {})):
+        reward, timer = Reward(reads), policy_throughput.PhaseTimer()
+        timed = policy_throughput._TimedReward(reward, timer)
+        score(timed, ["p", "p"], ["cut", "ended"], ended=[False, True], group_size=2)
+        assert reward.kwargs == expected
+        assert timer.current["reward"] > 0
+
+
 @pytest.mark.skipif(not HAS_TRL, reason="compares the two sides' final policies")
 def test_policy_gold_saves_both_final_policies_and_evaluates_them(tmp_path):
     """--gold: each side's final policy is saved (manifest: its reference, the RM, the settings)
