@@ -10,7 +10,12 @@ RM scores a sample with the ids it saw for the same text in training. A reward m
 family (another vocabulary) re-tokenises that text with its own tokenizer; the policy's own stop
 token text at the end of a response (`<|im_end|>`) is dropped first, and the RM's EOS closes it.
 A response the policy cut at `max_new_tokens` (`ended` False) is scored without an EOS: the RM
-reads it as unfinished, not as a finished response.
+reads it as unfinished, not as a finished response. An RM trained only on EOS-closed texts (the
+RM stage appends EOS to every response, as TRL's RewardTrainer does) has never seen such an input,
+so its score there is not a judgement: measured on the chat RM (SmolLM2, 96 validation responses
+cut at 60 % of their tokens, normalised scale), cut without EOS 0.255 on average, the same cut
+texts with EOS −0.979, the whole texts with EOS 0.103 — a cut response out-scores its EOS-closed
+twin 97 % of the time. `policy.missing_eos_penalty` (default 1.0) is what keeps cutting from paying.
 
 Length: the RM scores at the `max_length` it was trained at, read from its artifact's manifest
 (`stages/rm.py` records `rm.max_length`). `reward.max_length` is read only for artifacts written
