@@ -116,24 +116,6 @@ class PhaseTimer:
         return {k: sum(s.get(k, 0.0) for s in steady) / len(steady) for k in keys}
 
 
-class _TimedReward:
-    """The policy's reward, timed as the "reward" phase. It reads what the reward reads
-    (`rewards.base.score` passes `ended` and `group_size` only to a reward that says it reads
-    them): without that, our side scored every response as ended and without the shared prompt."""
-
-    def __init__(self, reward, timer: PhaseTimer):
-        self.reward, self.timer = reward, timer
-        self.reads_ended = getattr(reward, "reads_ended", False)
-        self.reads_groups = getattr(reward, "reads_groups", False)
-
-    def to(self, device):
-        self.reward.to(device)
-        return self
-
-    def __call__(self, prompts, responses, **kwargs):
-        return self.timer.timed("reward", self.reward)(prompts, responses, **kwargs)
-
-
 def _clock_callback(clock: common.StepClock, timer: PhaseTimer):
     import lightning as L
 
@@ -176,12 +158,15 @@ def instrument_ours(module, timer: PhaseTimer):
         return timer.timed(name, forward)(model, *args, **kwargs)
 
     # (the entropy is left in whichever phase computes it: the rollout, or the fused update)
-    names = ("sample", "forward_logprobs", "decode_responses")
+    # the reward through `rewards.base.score`, the one call that hands it `ended` and `group_size`
+    # (a wrapper object around the reward once hid what it reads: cut responses scored as ended,
+    # prompts not shared)
+    names = ("sample", "forward_logprobs", "decode_responses", "score")
     originals = {name: getattr(policy_module, name) for name in names}
     policy_module.sample = timed_sample
     policy_module.forward_logprobs = timed_forward
     policy_module.decode_responses = timer.timed("reward", policy_module.decode_responses)
-    module._frozen["reward"] = _TimedReward(module._frozen["reward"], timer)
+    policy_module.score = timer.timed("reward", policy_module.score)
     for name in ("_update", "_fused_update"):  # the fused one: log p_old from the update's pass
         if hasattr(module, name):
             setattr(module, name, timer.timed("update", getattr(module, name)))

@@ -170,10 +170,15 @@ def test_policy_quick_reports_phases(quick_runs):
 
 
 def test_the_timed_reward_reads_what_the_reward_reads():
-    """The phase timer's wrapper hands `ended` and `group_size` on to a reward that reads them
-    (our learned RM: cut responses scored without an EOS, prompts once per group) and to no other;
-    it once hid both, so the benchmark's side scored as the recipe does not."""
-    from rlhf_lightning.rewards.base import score
+    """The phase timers time the reward where the policy calls it (`score`), so a reward that
+    reads `ended` and `group_size` (our learned RM: cut responses scored without an EOS, prompts
+    once per group) still gets them, and no other does; a wrapper object once hid both, so the
+    benchmark's side scored as the recipe does not. The timers come off again afterwards."""
+    from types import SimpleNamespace
+
+    import rlhf_lightning.modules.policy as policy_module
+
+    torch = pytest.importorskip("torch")
 
     class Reward:
         def __init__(self, reads: bool):
@@ -184,13 +189,19 @@ def test_the_timed_reward_reads_what_the_reward_reads():
             self.kwargs = kwargs
             return torch.zeros(len(prompts))
 
-    torch = pytest.importorskip("torch")
+    original = policy_module.score
     for reads, expected in ((True, {"ended": [False, True], "group_size": 2}), (False, {})):
         reward, timer = Reward(reads), policy_throughput.PhaseTimer()
-        timed = policy_throughput._TimedReward(reward, timer)
-        score(timed, ["p", "p"], ["cut", "ended"], ended=[False, True], group_size=2)
+        module = SimpleNamespace(reference=None, _frozen={"reward": reward}, rollout=lambda: None)
+        restore = policy_throughput.instrument_ours(module, timer)
+        try:
+            policy_module.score(reward, ["p", "p"], ["cut", "ended"], [False, True], group_size=2)
+        finally:
+            restore()
         assert reward.kwargs == expected
         assert timer.current["reward"] > 0
+        assert module._frozen["reward"] is reward  # the policy keeps its own reward object
+    assert policy_module.score is original
 
 
 @pytest.mark.skipif(not HAS_TRL, reason="compares the two sides' final policies")
