@@ -30,8 +30,11 @@ same checkpoint under a fresh score head, the prompts the chat-rendered user tur
 `python train.py experiment=smollm2_rm`) instead of the fresh head. Ours reads it as `reward=learned`
 does, normalised by the artifact's `reward_stats` (β is on that scale); TRL gets the same scale
 through `reward_weights=[1/std]` (the mean cancels in the leave-one-out baseline), so one β means
-the same penalty on both sides. `--recipe` takes P, k, T, the sampling temperature, the learning
-rate, β and the precision from conf/experiment/smollm2_policy.yaml (what `python train.py
+the same penalty on both sides. `--missing-eos-penalty X` subtracts X from the normalised reward
+of completions cut at T on both sides (ours: `policy.missing_eos_penalty`; TRL, which has no such
+option: a second reward function, `MissingEosPenalty`, at weight 1). `--recipe` takes P, k, T, the
+sampling temperature, the learning rate, β, the missing-EOS penalty and the precision from
+conf/experiment/smollm2_policy.yaml and the policy stage's defaults (what `python train.py
 experiment=smollm2_policy` trains with; --steps stays yours).
 
 `--gold N`: after the runs, each side's final policy (its last run) is saved as a policy artifact
@@ -45,7 +48,7 @@ folder beside the policies).
     python benchmarks/policy_throughput.py [--quick] [--size tiny|medium|smollm2] [--runs N]
         [--prompts P] [--k K] [--tokens T] [--prompt-tokens N] [--shared-prefix on|off|both]
         [--precision fp32|bf16] [--reward-model DIR] [--recipe] [--temperature X] [--lr X]
-        [--beta X] [--pairs N] [--gold N] [--policies DIR] [--compare DIR]
+        [--beta X] [--missing-eos-penalty X] [--pairs N] [--gold N] [--policies DIR] [--compare DIR]
         [--trl-reward text|eos|both]
 
 `--trl-reward eos` (side trl_eos) gives TRL's trainer the RM as a reward function that puts the
@@ -225,6 +228,7 @@ def run_ours(spec: dict) -> dict:
             max_new_tokens=spec["tokens"], temperature=spec.get("temperature", 1.0)
         ),
         max_grad_norm=1.0,
+        missing_eos_penalty=spec.get("missing_eos_penalty"),
         shared_prefix=shared,
     )
     timer, clock = PhaseTimer(), common.StepClock()
@@ -276,6 +280,7 @@ def save_policy(model, spec: dict, ws: common.Workspace, side: str) -> str:
 
     target = Path(spec["policies"]) / side
     keys = ("steps", "prompts", "k", "tokens", "temperature", "lr", "beta", "precision", "seed")
+    keys += ("missing_eos_penalty",)
     manifest = {
         "stage": "policy",
         "reference": "checkpoint" if ws.model_path else "initial",
@@ -372,7 +377,7 @@ def run_trl(spec: dict) -> dict:
             timer.close_step(clock.ends[-1] - previous)
 
     reward_dir = reward_model_dir(spec, ws)
-    std = _reward_std(reward_dir)
+    std, penalty = _reward_std(reward_dir), spec.get("missing_eos_penalty")
     with tempfile.TemporaryDirectory(prefix="trl-rloo-") as out:
         config = RLOOConfig(
             output_dir=out,
@@ -383,7 +388,8 @@ def run_trl(spec: dict) -> dict:
             beta=spec["beta"],
             epsilon=0.2,
             temperature=spec.get("temperature", 1.0),
-            reward_weights=[1.0 / std],  # our LearnedReward's scale: (raw - mean) / std
+            # our LearnedReward's scale: (raw - mean) / std; the penalty is on that scale already
+            reward_weights=[1.0 / std] + [1.0] * bool(penalty),
             top_p=1.0,
             top_k=0,
             learning_rate=spec["lr"],
@@ -408,15 +414,19 @@ def run_trl(spec: dict) -> dict:
         reward_model = AutoModelForSequenceClassification.from_pretrained(reward_dir)
         if spec.get("trl_reward_eos"):  # side trl_eos: a callable reward, the RM as TRL loads it
             reward_model = EndedTextReward(reward_model, ws.trl_tokenizer_dir, config.bf16)
+        tokenizer_dir = ws.trl_tokenizer_dir
+        penalties = [MissingEosPenalty(penalty, tokenizer_dir)] if penalty else []
         trainer = RLOOTrainer(
             model=ws.policy_dir,
-            reward_funcs=reward_model,
+            reward_funcs=[reward_model, *penalties],
             args=config,
             train_dataset=dataset,
             processing_class=AutoTokenizer.from_pretrained(
                 ws.trl_tokenizer_dir, padding_side="left"
             ),
-            reward_processing_classes=AutoTokenizer.from_pretrained(ws.trl_tokenizer_dir),
+            # the RM's tokenizer (a model reward), then None for each function
+            reward_processing_classes=[AutoTokenizer.from_pretrained(tokenizer_dir)]
+            + [None] * len(penalties),
             callbacks=[_Clock()],
         )
         trainer.remove_callback(PrinterCallback)
@@ -473,6 +483,24 @@ class EndedTextReward:
             return self.model(**batch).logits[:, 0].float().tolist()
 
 
+class MissingEosPenalty:
+    """`policy.missing_eos_penalty` as a TRL reward function (weight 1, added to the RM's 1/std-
+    weighted score): −penalty for a completion cut at max_completion_length (its last id is not
+    EOS), 0 for one that ended — what `PolicyModule` subtracts from the normalised reward.
+    TRL's RLOOConfig has no such option (only `mask_truncated_completions`)."""
+
+    __name__ = "missing_eos_penalty"
+
+    def __init__(self, penalty: float, tokenizer_dir: str):
+        from transformers import AutoTokenizer
+
+        self.penalty = float(penalty)
+        self.eos_id = AutoTokenizer.from_pretrained(tokenizer_dir).eos_token_id
+
+    def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
+        return [0.0 if ids and ids[-1] == self.eos_id else -self.penalty for ids in completion_ids]
+
+
 def _reward_std(reward_dir: Path) -> float:
     """The RM artifact's reward_stats std (1 without one), as `LearnedReward` reads it."""
     from rlhf_lightning.artifacts import read_manifest
@@ -504,6 +532,7 @@ def policy_spec(args, ws: common.Workspace, settings: dict, **overrides) -> dict
         "lr": args.lr or LR[args.size],
         "temperature": args.temperature,
         "precision": args.precision,
+        "missing_eos_penalty": getattr(args, "missing_eos_penalty", None),
         # add_gold_options' (scaling.py takes only add_policy_options)
         "reward_model": str(reward.resolve())
         if (reward := getattr(args, "reward_model", None))
@@ -526,6 +555,12 @@ def add_policy_options(p) -> None:
     p.add_argument("--lr", type=float, help="learning rate (tiny/medium 2e-4, smollm2 1e-6)")
     p.add_argument("--beta", type=float, default=0.05, help="KL coefficient β (0.05)")
     p.add_argument(
+        "--missing-eos-penalty",
+        type=float,
+        help="subtracted from the normalised reward of completions cut at T, on both sides "
+        "(policy.missing_eos_penalty; none unless --recipe, which takes the recipe's 1.0)",
+    )
+    p.add_argument(
         "--pairs",
         type=int,
         default=64,
@@ -542,7 +577,8 @@ def add_gold_options(p) -> None:
     p.add_argument(
         "--recipe",
         action="store_true",
-        help=f"P, k, T, temperature, lr, β and precision of {RECIPE.relative_to(ROOT)}",
+        help=f"P, k, T, temperature, lr, β, missing-EOS penalty and precision of "
+        f"{RECIPE.relative_to(ROOT)}",
     )
     p.add_argument(
         "--gold",
@@ -570,6 +606,7 @@ def recipe_settings(path: Path = RECIPE) -> dict:
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(path)
+    stage = OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "policy" / "default.yaml"), cfg.policy)
     return {
         "prompts": int(cfg.policy.prompts_per_step),
         "k": int(cfg.algo.group_size),
@@ -578,6 +615,7 @@ def recipe_settings(path: Path = RECIPE) -> dict:
         "lr": float(cfg.policy.optimizer.lr),
         "beta": float(cfg.algo.beta),
         "precision": {"bf16-mixed": "bf16", "32-true": "fp32"}[str(cfg.trainer.precision)],
+        "missing_eos_penalty": stage.missing_eos_penalty,  # the policy stage's default (1.0)
     }
 
 

@@ -212,6 +212,7 @@ def test_policy_gold_saves_both_final_policies_and_evaluates_them(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     cmd = [sys.executable, str(BENCH / "policy_throughput.py"), "--quick", "--gold", "4"]
     cmd += ["--lr", "1e-2", "--workdir", str(tmp_path), "--results", str(tmp_path / "out")]
+    cmd += ["--missing-eos-penalty", "0.5"]  # TRL with a second reward function
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "out" / "policy_throughput.gold.quick.json").read_text())
@@ -226,6 +227,7 @@ def test_policy_gold_saves_both_final_policies_and_evaluates_them(tmp_path):
         assert manifest["reference_path"] == workspace["policy_dir"]
         assert manifest["reward_model"] == workspace["reward_dir"]
         assert manifest["benchmark"]["side"] == side and manifest["benchmark"]["lr"] == 1e-2
+        assert manifest["benchmark"]["missing_eos_penalty"] == 0.5
     assert "ours/trl/gold" in gold["win_rates"] and "reward/gold" in gold["paired"]
     assert "after the same steps: eval.py on 4 held-out prompts" in proc.stdout
 
@@ -245,6 +247,8 @@ def test_policy_recipe_reads_the_smollm2_recipe_and_keeps_given_options():
     assert args.tokens == recipe.policy.generation.max_new_tokens
     assert args.temperature == recipe.policy.generation.temperature
     assert args.beta == recipe.algo.beta and args.precision == "bf16"
+    stage = OmegaConf.load(policy_throughput.ROOT / "conf" / "policy" / "default.yaml")
+    assert args.missing_eos_penalty == stage.missing_eos_penalty == 1.0  # the recipe's default
     with pytest.raises(SystemExit, match="needs --size smollm2"):
         tiny = parser.parse_args(["--recipe"])
         policy_throughput.apply_recipe(tiny, ["--recipe"])
@@ -541,6 +545,22 @@ def test_trl_eos_reward_reads_what_our_learned_reward_reads_on_smollm2(tmp_path)
         trl_text = ours.model(**plain).logits[:, 0]
     assert abs(float(trl_text[0] - expected[0])) > 1e-4  # the ended one: read before its EOS
     assert torch.allclose(trl_text[1], expected[1], atol=1e-5)  # the cut one: the same ids
+
+
+def test_trls_missing_eos_penalty_is_what_our_policy_subtracts(tmp_path):
+    """TRL's side gets `policy.missing_eos_penalty` as a second reward function at weight 1 (TRL's
+    RLOOConfig has none): −penalty where the last id is not EOS, 0 where it is — the amount
+    `PolicyModule` subtracts from the normalised reward of a response that did not end."""
+    from rlhf_lightning.models.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(iter(["a b c d"] * 8), vocab_size=64)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    eos = tokenizer.eos_token_id
+    penalty = policy_throughput.MissingEosPenalty(0.75, str(tmp_path / "tok"))
+    ids = [[5, 6, eos], [5, 6, 7], [eos], []]
+    got = penalty(prompts=["p"] * 4, completions=["c"] * 4, completion_ids=ids)
+    assert got == [0.0, -0.75, 0.0, -0.75]
+    assert penalty.__name__ == "missing_eos_penalty"  # TRL names its logged reward by it
 
 
 def test_dpo_trl_optim_picks_trls_adamw_sides():
