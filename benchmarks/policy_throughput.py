@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,7 @@ class PhaseTimer:
         self.current: dict[str, float] = defaultdict(float)
         self.steps: list[dict[str, float]] = []
         self.lengths: list[float] = []
+        self.grad_norms: list[float] = []  # each optimiser step's global norm before clipping
 
     def timed(self, name, fn):
         def wrapper(*args, **kwargs):
@@ -144,6 +146,7 @@ def instrument_ours(module, timer: PhaseTimer):
     import torch
 
     import rlhf_lightning.modules.policy as policy_module
+    import rlhf_lightning.sharding as sharding
 
     sample = policy_module.sample
 
@@ -174,7 +177,21 @@ def instrument_ours(module, timer: PhaseTimer):
         if hasattr(module, name):
             setattr(module, name, timer.timed("update", getattr(module, name)))
     module.rollout = timer.timed("rollout", module.rollout)
-    return lambda: [setattr(policy_module, k, v) for k, v in originals.items()]
+    clip = sharding.clip_grad_norm  # `optimiser_step` imports it at each call
+
+    def recorded_clip(lightning_module, optimizer, max_norm):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        timer.grad_norms.append(float(torch.nn.utils.get_total_norm(grads)))
+        return clip(lightning_module, optimizer, max_norm)
+
+    sharding.clip_grad_norm = recorded_clip
+
+    def restore():
+        sharding.clip_grad_norm = clip
+        for name, value in originals.items():
+            setattr(policy_module, name, value)
+
+    return restore
 
 
 def _ours_other(s: dict) -> dict:
@@ -316,6 +333,10 @@ def _result(spec: dict, clock, timer: PhaseTimer, start: float, derive) -> dict:
         "total_s": time.perf_counter() - start,
         "response_length": (sum(timer.lengths) / len(timer.lengths)) if timer.lengths else None,
         "phases": timer.summary(spec["warmup"], derive) if timer.steps else {},
+        # the update's gradient before clipping at max_grad_norm 1 (ours: the token mean of
+        # A·log p over the batch; TRL's RLOO: the sequence mean of A·Σ log p, ~tokens/seq × ours)
+        "grad_norms": timer.grad_norms,
+        "grad_norm": statistics.median(timer.grad_norms) if timer.grad_norms else None,
     }
 
 
@@ -405,7 +426,8 @@ def run_trl(spec: dict) -> dict:
             use_cpu=True,
             seed=spec["seed"],
             report_to="none",
-            logging_strategy="no",
+            logging_strategy="steps",  # each step's grad_norm (before clipping) in log_history
+            logging_steps=1,
             save_strategy="no",
             disable_tqdm=True,
             dataloader_num_workers=0,
@@ -433,6 +455,9 @@ def run_trl(spec: dict) -> dict:
         if spec.get("phases", True):
             instrument_trl(trainer, timer)
         trainer.train()
+        timer.grad_norms = [
+            float(e["grad_norm"]) for e in trainer.state.log_history if "grad_norm" in e
+        ]
     result = _result(spec, clock, timer, start, _trl_other)
     if spec.get("policies"):
         policy = trainer.accelerator.unwrap_model(trainer.model)
@@ -760,6 +785,7 @@ def report(args, spec: dict, results: dict[str, list[dict]], gold: dict | None =
         "prompt len": "prompt_length",
         "setup s": "setup_s",
         "peak RSS MiB": "peak_rss_mb",
+        "|g| before clip": "grad_norm",
     }
     rows = [
         [side, len(results[side]), *(m.get(k) for k in columns.values())] for side, m in med.items()

@@ -177,8 +177,10 @@ def test_the_timed_reward_reads_what_the_reward_reads():
     from types import SimpleNamespace
 
     import rlhf_lightning.modules.policy as policy_module
+    import rlhf_lightning.sharding as sharding
 
     torch = pytest.importorskip("torch")
+    clip = sharding.clip_grad_norm
 
     class Reward:
         def __init__(self, reads: bool):
@@ -202,6 +204,7 @@ def test_the_timed_reward_reads_what_the_reward_reads():
         assert timer.current["reward"] > 0
         assert module._frozen["reward"] is reward  # the policy keeps its own reward object
     assert policy_module.score is original
+    assert sharding.clip_grad_norm is clip  # the gradient-norm record comes off too
 
 
 @pytest.mark.skipif(not HAS_TRL, reason="compares the two sides' final policies")
@@ -229,6 +232,9 @@ def test_policy_gold_saves_both_final_policies_and_evaluates_them(tmp_path):
         assert manifest["benchmark"]["side"] == side and manifest["benchmark"]["lr"] == 1e-2
         assert manifest["benchmark"]["missing_eos_penalty"] == 0.5
     assert "ours/trl/gold" in gold["win_rates"] and "reward/gold" in gold["paired"]
+    for side in ("ours", "trl"):  # each optimiser step's norm before clipping, on both sides
+        (run,) = result["runs"][side]
+        assert len(run["grad_norms"]) == result["spec"]["steps"] and run["grad_norm"] > 0
     assert "after the same steps: eval.py on 4 held-out prompts" in proc.stdout
 
 
