@@ -48,7 +48,9 @@ def _call(fn, q, k, v, w, case):
     if case.get("mask"):
         mask = _padded_mask(q.shape[0], q.shape[2], k.shape[2])
         if case["mask"] == "float":
-            mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+            # in the inputs' dtype (0 and −inf are exact in each): a float32 mask beside float64
+            # inputs sent the float64 reference down a path that misread it on an AVX2-only CPU
+            mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf"))
     kwargs = dict(attn_mask=mask, is_causal=case.get("is_causal", False))
     if case.get("enable_gqa"):
         kwargs["enable_gqa"] = True
