@@ -13,6 +13,7 @@ import inspect
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel
 
 
@@ -61,6 +62,10 @@ def probing(hf, float64: bool = False):
     SmolLM2-135M's states 1–2e-3 apart at magnitude ~55, and bfloat16 far more, though shared-prefix
     and plain passes are the same maths. The originals are never modified: DDP hangs its gradient
     hooks on their accumulators, which a dtype change of `.data` would drop (no more all-reduce).
+    And in float64 attention runs SDPA's math kernel: the CPU flash kernel's float64 results depend
+    on the key length it blocks over on some CPUs (an AVX2-only EPYC: a cached shared-prefix pass
+    3.6e-6 from the plain one on SmolLM2, where the math kernel gives 0), which is the kernel's
+    round-off, not the computation the probe judges.
     """
     modes = [(m, m.training) for m in hf.modules()]
     device = next(hf.parameters()).device
@@ -84,7 +89,8 @@ def probing(hf, float64: bool = False):
                             )
                         swapped.append((table, name, tensor))
                         table[name] = copies[id(tensor)]
-        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+        kernels = sdpa_kernel(SDPBackend.MATH) if float64 else contextlib.nullcontext()
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False), kernels:
             yield
     finally:
         for table, name, original in reversed(swapped):
