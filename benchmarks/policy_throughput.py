@@ -436,8 +436,8 @@ def run_trl(spec: dict) -> dict:
         reward_model = AutoModelForSequenceClassification.from_pretrained(reward_dir)
         if spec.get("trl_reward_eos"):  # side trl_eos: a callable reward, the RM as TRL loads it
             reward_model = EndedTextReward(reward_model, ws.trl_tokenizer_dir, config.bf16)
-        tokenizer_dir = ws.trl_tokenizer_dir
-        penalties = [MissingEosPenalty(penalty, tokenizer_dir)] if penalty else []
+        reward_tokenizer = AutoTokenizer.from_pretrained(ws.trl_tokenizer_dir)
+        penalties = [MissingEosPenalty(penalty, reward_tokenizer.eos_token_id)] if penalty else []
         trainer = RLOOTrainer(
             model=ws.policy_dir,
             reward_funcs=[reward_model, *penalties],
@@ -447,8 +447,7 @@ def run_trl(spec: dict) -> dict:
                 ws.trl_tokenizer_dir, padding_side="left"
             ),
             # the RM's tokenizer (a model reward), then None for each function
-            reward_processing_classes=[AutoTokenizer.from_pretrained(tokenizer_dir)]
-            + [None] * len(penalties),
+            reward_processing_classes=[reward_tokenizer] + [None] * len(penalties),
             callbacks=[_Clock()],
         )
         trainer.remove_callback(PrinterCallback)
@@ -516,11 +515,8 @@ class MissingEosPenalty:
 
     __name__ = "missing_eos_penalty"
 
-    def __init__(self, penalty: float, tokenizer_dir: str):
-        from transformers import AutoTokenizer
-
-        self.penalty = float(penalty)
-        self.eos_id = AutoTokenizer.from_pretrained(tokenizer_dir).eos_token_id
+    def __init__(self, penalty: float, eos_id: int):
+        self.penalty, self.eos_id = float(penalty), eos_id
 
     def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
         return [0.0 if ids and ids[-1] == self.eos_id else -self.penalty for ids in completion_ids]

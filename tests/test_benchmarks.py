@@ -553,16 +553,12 @@ def test_trl_eos_reward_reads_what_our_learned_reward_reads_on_smollm2(tmp_path)
     assert torch.allclose(trl_text[1], expected[1], atol=1e-5)  # the cut one: the same ids
 
 
-def test_trls_missing_eos_penalty_is_what_our_policy_subtracts(tmp_path):
+def test_trls_missing_eos_penalty_is_what_our_policy_subtracts():
     """TRL's side gets `policy.missing_eos_penalty` as a second reward function at weight 1 (TRL's
     RLOOConfig has none): −penalty where the last id is not EOS, 0 where it is — the amount
     `PolicyModule` subtracts from the normalised reward of a response that did not end."""
-    from rlhf_lightning.models.tokenizer import build_tokenizer
-
-    tokenizer = build_tokenizer(iter(["a b c d"] * 8), vocab_size=64)
-    tokenizer.save_pretrained(tmp_path / "tok")
-    eos = tokenizer.eos_token_id
-    penalty = policy_throughput.MissingEosPenalty(0.75, str(tmp_path / "tok"))
+    eos = 2
+    penalty = policy_throughput.MissingEosPenalty(0.75, eos)
     ids = [[5, 6, eos], [5, 6, 7], [eos], []]
     got = penalty(prompts=["p"] * 4, completions=["c"] * 4, completion_ids=ids)
     assert got == [0.0, -0.75, 0.0, -0.75]
