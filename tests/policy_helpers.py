@@ -132,7 +132,13 @@ def build_module(
     )
 
 
-def train(module: PolicyModule, steps: int, prompts_per_step: int, seed: int = 0) -> None:
+def train(
+    module: PolicyModule,
+    steps: int,
+    prompts_per_step: int,
+    seed: int = 0,
+    callbacks: list[L.Callback] | None = None,
+) -> None:
     """`steps` training steps (rollout + update each) with a real Trainer on CPU."""
     prompts = module.exact.task.prompts()
     stream = [prompts[i % len(prompts)] for i in range(steps * prompts_per_step)]
@@ -146,6 +152,7 @@ def train(module: PolicyModule, steps: int, prompts_per_step: int, seed: int = 0
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=callbacks,
     )
     trainer.fit(module, loader)
 

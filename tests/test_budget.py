@@ -1,12 +1,13 @@
 """β controllers in the training loop on `task=oracle` (reward = the task's gold table).
 
-BudgetBeta solves max E[r] s.t. KL ≤ ε by dual ascent on β; at the end the exact KL(p_θ‖p_ref)
-must sit on the budget. AdaptiveBeta (Ziegler et al. 2019) must raise β when KL runs above its
+BudgetBeta solves max E[r] s.t. KL ≤ ε by dual ascent on β; once settled, the exact
+KL(p_θ‖p_ref) must sit on the budget. AdaptiveBeta (Ziegler et al. 2019) must raise β when KL runs above its
 target and lower it when KL stays below, by the proportional rule worked out by hand.
 """
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -44,20 +45,40 @@ def _beta_at_budget(oracle, epsilon: float) -> float:
     return (low * high) ** 0.5
 
 
+class _ExactKL(L.Callback):
+    """The exact KL(p_θ‖p_ref) every `every` steps from step `start` on."""
+
+    def __init__(self, start: int, every: int):
+        self.start, self.every, self.kls = start, every, []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        step = batch_idx + 1
+        if step >= self.start and step % self.every == 0:
+            self.kls.append(module.exact.summary(module.policy, module.beta.value)["exact_kl"])
+
+
 @pytest.mark.slow
-def test_budget_beta_ends_on_the_kl_budget(oracle):
+def test_budget_beta_settles_on_the_kl_budget(oracle):
+    """Dual ascent from β = 0.05 overshoots (KL ≈ 3 by step 70, β up to ≈ 1.5 by step 120) and
+    settles by step ~210 (measured on AVX2 and AVX-512 hosts); the primal iterate keeps oscillating
+    around ε (single readings 0.87–1.16 at steps 210–500), so the test judges the mean exact KL
+    over the last 60 of 300 steps, not one end point — that one end point at step 200, still in
+    the transient, was 0.74 on an AVX2 host (inside ε ± 25 % on the AVX-512 hosts before)."""
     settings = {**_controller_conf("budget"), "epsilon": EPSILON}
     controller = BudgetBeta(beta=0.05, **settings)  # 0.05: conf/algo/rloo.yaml's β
     module = build_module(oracle, algorithm_from_conf("rloo"), beta=controller, lr=LR)
-    train(module, 200, PROMPTS_PER_STEP)
-    end = module.exact.summary(module.policy, controller.value)
+    tail = _ExactKL(start=250, every=10)
+    train(module, 300, PROMPTS_PER_STEP, callbacks=[tail])
+    kl = sum(tail.kls) / len(tail.kls)
     target = _beta_at_budget(oracle, EPSILON)
     print(
-        f"\nBudgetBeta ε={EPSILON} lr={settings['lr']}: exact KL {end['exact_kl']:.3f}, "
-        f"β {controller.value:.3f} (closed-form β with KL(p*‖p_ref) = ε: {target:.3f})"
+        f"\nBudgetBeta ε={EPSILON} lr={settings['lr']}: exact KL over steps 250–300 "
+        f"{[round(k, 3) for k in tail.kls]} (mean {kl:.3f}), β {controller.value:.3f} "
+        f"(closed-form β with KL(p*‖p_ref) = ε: {target:.3f})"
     )
-    assert abs(end["exact_kl"] - EPSILON) <= 0.25 * EPSILON
-    assert 1 / 1.5 < controller.value / target < 1.5  # β is the constraint's multiplier
+    assert len(tail.kls) == 6
+    assert abs(kl - EPSILON) <= 0.1 * EPSILON
+    assert 1 / 1.25 < controller.value / target < 1.25  # β is the constraint's multiplier
 
 
 @pytest.mark.parametrize(("target", "rises"), [(0.05, True), (50.0, False)])
