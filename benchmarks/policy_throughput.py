@@ -626,7 +626,10 @@ def recipe_settings(path: Path = RECIPE) -> dict:
     """The policy recipe's settings this benchmark matches on both sides (`--recipe`)."""
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(path)
+    import rlhf_lightning  # noqa: F401  (registers the recipe precision's `bf16_if_native`)
+
+    trainer = OmegaConf.load(ROOT / "conf" / "trainer" / "default.yaml")  # accelerator: cpu
+    cfg = OmegaConf.merge({"trainer": trainer}, OmegaConf.load(path))
     stage = OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "policy" / "default.yaml"), cfg.policy)
     return {
         "prompts": int(cfg.policy.prompts_per_step),
@@ -635,6 +638,7 @@ def recipe_settings(path: Path = RECIPE) -> dict:
         "temperature": float(cfg.policy.generation.temperature),
         "lr": float(cfg.policy.optimizer.lr),
         "beta": float(cfg.algo.beta),
+        # bf16 where this CPU computes it natively, fp32 where it would emulate it
         "precision": {"bf16-mixed": "bf16", "32-true": "fp32"}[str(cfg.trainer.precision)],
         "missing_eos_penalty": stage.missing_eos_penalty,  # the policy stage's default (1.0)
     }

@@ -25,6 +25,7 @@ from rlhf_lightning.data.spec import DataSpec
 from rlhf_lightning.distributed import is_rank_zero
 from rlhf_lightning.loggers import build_logger, finish_wandb, in_multirun, sweep_names
 from rlhf_lightning.models.factory import ModelSpec
+from rlhf_lightning.precision import warn_if_emulated
 from rlhf_lightning.resume import (
     RNGState,
     SafeCheckpointIO,
@@ -102,6 +103,7 @@ class RunContext:
             **overrides,
         )
         check_strategy(trainer.strategy)  # before any work: e.g. ZeRO-3 is refused
+        warn_if_emulated(trainer)  # bf16 on a CPU without AVX-512 BF16/AMX: ~30x slower
         for logger in trainer.loggers:  # the whole composed config, so runs can be compared
             logger.log_hyperparams(to_dict(self.cfg))
         return trainer
