@@ -696,6 +696,10 @@ def environment(args: argparse.Namespace) -> dict:
     """Versions and machine facts recorded with every result."""
     from importlib.metadata import PackageNotFoundError, version
 
+    import torch
+
+    from rlhf_lightning.precision import cpu_has_native_bf16
+
     versions = {}
     for package in ("torch", "transformers", "lightning", "trl", "accelerate", "datasets"):
         try:
@@ -714,6 +718,9 @@ def environment(args: argparse.Namespace) -> dict:
         "threads": args.threads,
         "size": getattr(args, "size", "tiny"),
         "precision": getattr(args, "precision", "fp32"),
+        # bf16 is ~2x faster than fp32 where native and ~30x slower where emulated (AVX2 CPUs)
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
         "prompt_tokens": getattr(args, "prompt_tokens", 0),
         "rss_isolated": not args.in_process,
         "quick": args.quick,
