@@ -21,8 +21,7 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 dot products in hardware (AVX-512 BF16 or AMX tiles)."""
     import torch
 
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu, torch >= 2.1
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def native_bf16(accelerator: str) -> bool:

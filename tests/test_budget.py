@@ -1,7 +1,7 @@
 """β controllers in the training loop on `task=oracle` (reward = the task's gold table).
 
-BudgetBeta solves max E[r] s.t. KL ≤ ε by dual ascent on β; once settled, the exact
-KL(p_θ‖p_ref) must sit on the budget. AdaptiveBeta (Ziegler et al. 2019) must raise β when KL runs above its
+BudgetBeta solves max E[r] s.t. KL ≤ ε by dual ascent on β; once settled, the exact KL(p_θ‖p_ref)
+must sit on the budget. AdaptiveBeta (Ziegler et al. 2019) must raise β when KL runs above its
 target and lower it when KL stays below, by the proportional rule worked out by hand.
 """
 
