@@ -381,6 +381,29 @@ def precision(spec: dict) -> tuple[str, bool]:
     return PRECISIONS[spec.get("precision", "fp32")]
 
 
+def warn_if_emulated(precision_name: str) -> bool:
+    """Say on stderr when --precision bf16 runs on a CPU that emulates bf16; True if it did.
+
+    Both sides run as asked (a measurement of emulated bf16 is still a measurement), and the
+    result's environment records `cpu_native_bf16`; this only says so before the minutes go.
+    """
+    import torch
+
+    from rlhf_lightning.precision import cpu_has_native_bf16
+
+    if precision_name != "bf16" or torch.cuda.is_available() or cpu_has_native_bf16():
+        return False
+    print(
+        "warning: --precision bf16 on a CPU without AVX-512 BF16 or AMX "
+        f"({torch.backends.cpu.get_cpu_capability()}): PyTorch emulates bf16 here, ~30x slower "
+        "than fp32 for SmolLM2's forward + backward on an AVX2-only CPU, on both sides; "
+        "--precision fp32 measures what this CPU runs well",
+        file=sys.stderr,
+        flush=True,
+    )
+    return True
+
+
 def task_settings(n_pairs_train: int, n_pairs_val: int, seed: int, context_tokens: int = 0) -> dict:
     settings = dict(
         seed=seed,
@@ -603,6 +626,7 @@ def measure(
     """`runs` results per side, interleaved; in workers unless in-process."""
     if not sides:
         raise SystemExit("no side to measure: --shared-prefix none needs --factors or TRL")
+    warn_if_emulated(spec.get("precision", "fp32"))
     results: dict[str, list[dict]] = {side: [] for side in sides}
     for run in range(runs):
         for side in sides:

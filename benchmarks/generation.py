@@ -23,6 +23,7 @@ import statistics
 import time
 from collections import defaultdict
 
+import common  # benchmarks/common.py (this script runs from benchmarks/, as the others)
 import torch
 
 GROUPS = {  # profiler op name -> group (everything else: "other")
@@ -129,6 +130,7 @@ def main(argv=None) -> None:
     backends = {"hf": HFGenerateBackend(), "loop": DecodeLoopBackend()}
     rows = []
     for precision in args.precision:
+        common.warn_if_emulated(precision)
         if args.profile:
             profile(model, tokenizer, prompts, args, precision)
         times, outs, loads = defaultdict(list), {}, defaultdict(list)

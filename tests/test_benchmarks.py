@@ -266,6 +266,27 @@ def test_policy_recipe_reads_the_smollm2_recipe_and_keeps_given_options():
         policy_throughput.apply_recipe(tiny, ["--recipe"])
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_an_emulating_cpu_is_said_before_the_series(monkeypatch, capsys, native):
+    """`measure` (every paired series) says when --precision bf16 will run emulated; fp32 never."""
+    import torch
+
+    import rlhf_lightning.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ran = []
+    workers = {"ours": lambda spec: ran.append(spec["precision"]) or {"throughput": 1.0}}
+    args = type("Args", (), {"in_process": True, "threads": 1})()
+    for name in ("bf16", "fp32"):
+        results = common.measure(Path("x.py"), args, ["ours"], {"precision": name}, workers, 1)
+        assert len(results["ours"]) == 1  # runs as asked either way
+        err = capsys.readouterr().err
+        said = "emulates bf16" in err and "--precision fp32" in err
+        assert said == (name == "bf16" and not native), err
+    assert ran == ["bf16", "fp32"]
+
+
 def test_trl_reward_scale_is_the_learned_rewards(tmp_path):
     """TRL's reward weight 1/std is read from the RM artifact as `LearnedReward` reads it."""
     from types import SimpleNamespace
