@@ -22,6 +22,7 @@ from rlhf_lightning.tasks import chat_judge as judge
 from rlhf_lightning.tasks.base import TASK_FILES, Task
 from rlhf_lightning.tasks.chat import ChatTask, _label
 from rlhf_lightning.tasks.chat_prompts import all_requests, subject_keyword
+from rlhf_lightning.tasks.chat_samples import SampleCache, digest
 
 REQUEST = "In one or two sentences, write an enthusiastic review of a stainless steel water bottle."
 GOOD = "This water bottle keeps my drinks cold all day, and I love its simple design."
@@ -212,6 +213,40 @@ def test_card_bayes_accuracy_matches_the_written_labels(toy_dir):
         bayes = torch.sigmoid((chosen - rejected).abs().double() / tau).mean().item()
         assert card["bayes_accuracy"][split] == pytest.approx(bayes, abs=1e-6)
         assert len(rows) + card["pairs_left_out"][split] == card["settings"][f"n_pairs_{split}"]
+
+
+def test_another_seed_moves_the_cached_samples_aside_and_switching_back_restores_them(tmp_path):
+    """A cache of minutes of sampling is never deleted by a run with other settings (issue 21:
+    an `eval.py seed=1` once wiped the seed-0 pairs of data/chat)."""
+    directory = tmp_path / "samples"
+    a, b = {"seed": 0, "n": 1}, {"seed": 1, "n": 1}
+    rows = lambda seed, n: [{"pair": i, "request": f"{seed}:{i}"} for i in range(n)]  # noqa: E731
+
+    assert SampleCache(directory, a).load() == {"train": [], "val": [], "test": []}
+    SampleCache.append(directory / "train.jsonl", rows(0, 3))
+    SampleCache.append(directory / "val.jsonl", rows(0, 1))
+    assert SampleCache(directory, a).load()["train"] == rows(0, 3)  # same key: kept in place
+
+    assert SampleCache(directory, b).load() == {"train": [], "val": [], "test": []}
+    assert json.loads((directory / "key.json").read_text()) == b
+    aside = directory / digest(a)
+    assert json.loads((aside / "key.json").read_text()) == a  # a's samples wait beside
+    assert read_jsonl(aside / "train.jsonl") == rows(0, 3)
+    SampleCache.append(directory / "train.jsonl", rows(1, 2))
+
+    back = SampleCache(directory, a).load()  # a again: its pairs back, b's aside in turn
+    assert back["train"] == rows(0, 3) and back["val"] == rows(0, 1) and back["test"] == []
+    assert not aside.exists()  # moved back whole: the side folder is gone
+    assert json.loads((directory / "key.json").read_text()) == a
+    assert SampleCache(directory, b).load()["train"] == rows(1, 2)
+    assert sorted(p.name for p in directory.iterdir()) == sorted(
+        [digest(a), "key.json", "train.jsonl"]
+    )
+
+    (directory / "key.json").unlink()  # files with no key say nothing of what they hold
+    assert SampleCache(directory, b).load()["train"] == []
+    assert SampleCache(directory, a).load()["train"] == rows(0, 3)  # a's, aside, untouched
+    assert digest(a) != digest(b) and digest(a) == digest(dict(reversed(list(a.items()))))
 
 
 @pytest.mark.slow

@@ -4,11 +4,15 @@
 keyed by (seed, SAMPLE_STREAM + split, pair, j), so a pair does not depend on the batch it is drawn
 in. `SampleCache` keeps every sampled pair in `<data_dir>/samples/<split>.jsonl`, appended batch by
 batch (an interrupted run resumes where it stopped; a larger split only samples its new pairs),
-valid while `samples/key.json` — the settings the samples depend on — is unchanged.
+valid while `samples/key.json` — the settings the samples depend on — is unchanged. Another key
+(e.g. `seed=1`) moves the cache it replaces aside into `samples/<digest of its key>/` rather than
+deleting it (its pairs took minutes of sampling each), and moves its own back when it finds it
+there: switching settings back and forth samples nothing twice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,19 +68,39 @@ class PairSampler:
 
 
 class SampleCache:
-    """`<directory>/<split>.jsonl`: sampled pairs in order, valid while `key.json` matches."""
+    """`<directory>/<split>.jsonl`: sampled pairs in order, valid while `key.json` matches; the
+    caches of other keys wait in `<directory>/<digest(key)>/` (see the module docstring)."""
 
     def __init__(self, directory: Path, key: dict):
-        self.directory, self.key = directory, key
+        self.directory, self.key = Path(directory), key
 
     def load(self) -> dict[str, list[dict]]:
-        """The cached pairs of each split (a prefix of pairs 0, 1, …); none when the key changed."""
+        """The cached pairs of each split (a prefix of pairs 0, 1, …) for this key: the active
+        cache if its key matches, else this key's cache moved back from the side (none if never
+        sampled), the other key's moved aside first."""
         key_file = self.directory / "key.json"
-        if not key_file.exists() or json.loads(key_file.read_text()) != self.key:
-            for split in PAIR_SPLITS:
-                (self.directory / f"{split}.jsonl").unlink(missing_ok=True)
+        current = json.loads(key_file.read_text()) if key_file.exists() else None
+        if current != self.key:
+            if current is not None:
+                self._move(self.directory, self.directory / digest(current))
+            files = [self.directory / f"{split}.jsonl" for split in PAIR_SPLITS]
+            for path in files:  # no key: nothing says what they hold (an interrupted move)
+                path.unlink(missing_ok=True)
+            self._move(self.directory / digest(self.key), self.directory)
             write_json_atomic(key_file, self.key)
         return {split: self._read(self.directory / f"{split}.jsonl") for split in PAIR_SPLITS}
+
+    @staticmethod
+    def _move(source: Path, target: Path) -> None:
+        """The split files, then key.json last (a cache counts only once its key is there)."""
+        if not source.is_dir():
+            return
+        target.mkdir(parents=True, exist_ok=True)
+        for name in [f"{split}.jsonl" for split in PAIR_SPLITS] + ["key.json"]:
+            if (source / name).exists():
+                (source / name).replace(target / name)
+        if source.parent == target and not any(source.iterdir()):  # a side folder, now empty
+            source.rmdir()
 
     @staticmethod
     def _read(path: Path) -> list[dict]:
@@ -97,6 +121,11 @@ class SampleCache:
         with open(path, "a", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def digest(key: dict) -> str:
+    """A cache key's folder name: 16 hex digits of the SHA-256 of its sorted JSON."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def chunks(indices: range, size: int) -> Iterator[list[int]]:
