@@ -465,6 +465,13 @@ def chat_pairs(samples: Path, tokenizer) -> list[dict]:
     return rows
 
 
+def chat_samples_seed(samples: Path | None = None) -> int:
+    """The chat task's `seed` that the cached samples (CHAT_SAMPLES: the pairs of a chat
+    workspace) were drawn with: their `key.json`; 0, the task's default, when there is none."""
+    key = (samples or CHAT_SAMPLES).parent / "key.json"
+    return int(json.loads(key.read_text())["seed"]) if key.exists() else 0
+
+
 def prepare_chat_workspace(root: Path, settings: dict, seed: int, checkpoint: dict) -> Workspace:
     """The checkpoint's workspace: its tokenizer (pad made distinct from EOS), the chat pairs (the
     first n_pairs_train to train, the last n_pairs_val held out, disjoint), the distinct prompts of

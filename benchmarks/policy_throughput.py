@@ -703,8 +703,10 @@ def eval_command(args, ws: common.Workspace, spec: dict, policy: str, compare: s
     """eval.py on the saved policies: the workspace's task and held-out prompts, the initial
     policy as reference, the RM as proxy, the training T and temperature, keyed samples."""
     cmd = [sys.executable, str(ROOT / "eval.py")]
-    if ws.task == "chat":  # the chat task's held-out requests (its cache under the repo's data/)
-        cmd += ["task=chat", "model=smollm2"]
+    if ws.task == "chat":  # the chat task's held-out requests (its cache under the repo's data/),
+        # from the samples the workspace's pairs came from: --seed is the training runs' seed only
+        # (as `seed=` it would also re-seed the task — other held-out prompts, resampled pairs)
+        cmd += ["task=chat", "model=smollm2", f"task.seed={common.chat_samples_seed()}"]
     else:  # the workspace's own reviews task files
         cmd += ["task=reviews", "model=tiny", f"paths.data_dir={ws.data_dir}"]
         cmd += [f"++task.{k}={v}" for k, v in spec["task"].items() if k != "reward_model"]

@@ -243,6 +243,25 @@ def test_policy_gold_saves_both_final_policies_and_evaluates_them(tmp_path):
     assert "after the same steps: eval.py on 4 held-out prompts" in proc.stdout
 
 
+def test_the_gold_eval_of_a_chat_run_keeps_the_tasks_seed_whatever_the_training_seed(
+    tmp_path, monkeypatch
+):
+    """--seed 1 trains both sides with seed 1; eval.py still reads the chat task's data as drawn
+    (task.seed from the samples' key.json), so it neither resamples data/chat nor moves to other
+    held-out prompts — it once re-seeded the task and wiped the seed-0 samples cache."""
+    samples = tmp_path / "data" / "chat" / "samples" / "train.jsonl"
+    monkeypatch.setattr(common, "CHAT_SAMPLES", samples)
+    assert common.chat_samples_seed() == 0  # no cache yet: the task's default
+    samples.parent.mkdir(parents=True)
+    (samples.parent / "key.json").write_text(json.dumps({"seed": 3, "n_prompts_eval": 64}))
+    assert common.chat_samples_seed() == 3
+    ws = common.Workspace(*(str(tmp_path / n) for n in "rdttpw"), {}, task="chat")
+    args = type("Args", (), {"seed": 1, "gold": 8, "policies": tmp_path / "pol"})()
+    spec = {"tokens": 48, "temperature": 0.7}
+    cmd = policy_throughput.eval_command(args, ws, spec, "ours", "trl")
+    assert "task.seed=3" in cmd and "seed=1" in cmd  # the data's seed; the sampling keys' seed
+
+
 def test_policy_recipe_reads_the_smollm2_recipe_and_keeps_given_options():
     from omegaconf import OmegaConf
 
