@@ -387,17 +387,13 @@ def warn_if_emulated(precision_name: str) -> bool:
     Both sides run as asked (a measurement of emulated bf16 is still a measurement), and the
     result's environment records `cpu_native_bf16`; this only says so before the minutes go.
     """
-    import torch
+    from rlhf_lightning.precision import EMULATED, native_bf16
 
-    from rlhf_lightning.precision import cpu_has_native_bf16
-
-    if precision_name != "bf16" or torch.cuda.is_available() or cpu_has_native_bf16():
+    if precision_name != "bf16" or native_bf16("auto"):  # auto: CUDA if there is one, else CPU
         return False
     print(
-        "warning: --precision bf16 on a CPU without AVX-512 BF16 or AMX "
-        f"({torch.backends.cpu.get_cpu_capability()}): PyTorch emulates bf16 here, ~30x slower "
-        "than fp32 for SmolLM2's forward + backward on an AVX2-only CPU, on both sides; "
-        "--precision fp32 measures what this CPU runs well",
+        f"warning: --precision bf16 {EMULATED}, on both sides; --precision fp32 measures what "
+        "this CPU runs well",
         file=sys.stderr,
         flush=True,
     )

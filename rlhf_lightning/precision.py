@@ -15,6 +15,11 @@ import warnings
 
 BF16 = "bf16-mixed"
 FP32 = "32-true"
+# what an emulated bf16 costs, said by every warning about it (here and in benchmarks/)
+EMULATED = (
+    "on a CPU without AVX-512 BF16 or AMX: PyTorch emulates bf16 here (SmolLM2's forward + "
+    "backward ran ~30x slower than fp32 on an AVX2-only CPU)"
+)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -50,9 +55,7 @@ def warn_if_emulated(trainer) -> None:
     bf16 = str(trainer.precision).startswith("bf16")
     if bf16 and isinstance(trainer.accelerator, CPUAccelerator) and not cpu_has_native_bf16():
         warnings.warn(
-            f"trainer.precision={trainer.precision} on a CPU without AVX-512 BF16 or AMX: "
-            "PyTorch emulates bf16 here (SmolLM2's forward + backward ran ~30x slower than "
-            "fp32 on an AVX2-only CPU); use trainer.precision=32-true, or "
+            f"trainer.precision={trainer.precision} {EMULATED}; use trainer.precision=32-true, or "
             "'trainer.precision=${bf16_if_native:${trainer.accelerator}}' (the recipes' "
             "default) to pick bf16 only where it is native",
             stacklevel=2,

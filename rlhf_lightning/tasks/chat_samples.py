@@ -83,9 +83,9 @@ class SampleCache:
         if current != self.key:
             if current is not None:
                 self._move(self.directory, self.directory / digest(current))
-            files = [self.directory / f"{split}.jsonl" for split in PAIR_SPLITS]
-            for path in files:  # no key: nothing says what they hold (an interrupted move)
-                path.unlink(missing_ok=True)
+            else:  # files with no key: nothing says what they hold (an interrupted move)
+                for split in PAIR_SPLITS:
+                    (self.directory / f"{split}.jsonl").unlink(missing_ok=True)
             self._move(self.directory / digest(self.key), self.directory)
             write_json_atomic(key_file, self.key)
         return {split: self._read(self.directory / f"{split}.jsonl") for split in PAIR_SPLITS}
