@@ -178,11 +178,15 @@ def base(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_rm_stage_two_processes_equal_one(base):
-    """2 processes, each in micro-batches of 3 pairs, give the weights of one full-batch process."""
+def test_rm_stage_two_processes_equal_one(base, monkeypatch):
+    """2 processes, each in micro-batches of 3 pairs, give the weights of one full-batch process,
+    and all-reduce the gradient once per optimiser step (8 pairs per rank: 3 micro-batches)."""
     other = base / "artifacts_ddp"
     args = [*BASE, "stage=rm", f"paths.artifacts_dir={other}", f"hydra.run.dir={base}/rm2"]
-    out = _ok(train_cli([*args, *DDP, "rm.micro_batch_size=3"], base))  # and micro-batches
+    probe = base / "grad_sync_rm"
+    hook = _grad_sync_probe(probe, monkeypatch)
+    out = _ok(train_cli([*args, *DDP, "rm.micro_batch_size=3", *hook], base))  # and micro-batches
+    _assert_one_all_reduce_per_step(probe)
     assert (base / "rm2" / "train_ddp_process_1.log").exists()  # a second process did run
     assert "[rm] accuracy=" in out.stdout  # rank zero reports once
     assert out.stdout.count("== rlhf-lightning summary ==") == 1
@@ -228,46 +232,39 @@ def test_policy_stage_two_processes_equal_one(base):
 
 
 @pytest.mark.slow
-def test_ppo_two_processes_equal_one(base):
+def test_ppo_two_processes_equal_one(base, monkeypatch):
     """Value head, GAE, whitening over the global batch, and the shipped 2 epochs × 2 minibatches:
     every rank cuts the global batch's permutation as one process does and keeps its own rows —
-    here also in micro-batches of 3 sequences (ranks with fewer join with zero-gradient passes)
-    and no-grad passes of 5."""
+    here also in micro-batches of 3 sequences (ranks with fewer join with zero-gradient passes,
+    and the gradient is all-reduced once per optimiser step all the same) and no-grad passes of 5."""
     extra = ["algo=ppo", "policy.steps=3"]
+    probe = base / "grad_sync_ppo"
     micro = ("policy.micro_batch_size=3", "policy.forward_batch_size=5")
+    micro += tuple(_grad_sync_probe(probe, monkeypatch))
     one_w, two_w, one, two = _policy_pair(base, "ppo", extra, micro)
     assert _max_diff(one_w, two_w) < TOL
+    _assert_one_all_reduce_per_step(probe)  # micro-batches, zero-gradient joins included
     m1, m2 = _metrics(one, "policy"), _metrics(two, "policy")
     for key in ("train/kl", "train/reward", "ppo/value_loss", "ppo/clipfrac"):
         assert len(m1[key]) == len(m2[key]) == 3, key
         assert max(abs(a - b) for a, b in zip(m1[key], m2[key])) < TOL, key
 
 
-GRAD_SYNC = {  # stage: settings giving several micro-batches per optimiser step on each rank
-    "rm": ["stage=rm", "rm.micro_batch_size=3"],  # 8 pairs per rank: 3 micro-batches
-    "dpo": ["stage=dpo", "dpo.batch_size=16", "dpo.max_epochs=1", "dpo.micro_batch_size=3"],
-    # 2 epochs × 2 minibatches of a random permutation: ranks hold unequal rows, so the rank with
-    # fewer micro-batches joins with zero-gradient passes
-    "policy": ["stage=policy", "algo=ppo", "policy.steps=2", "policy.micro_batch_size=3"],
-}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", list(GRAD_SYNC))
-def test_one_gradient_all_reduce_per_optimiser_step(base, stage, monkeypatch):
-    """Micro-batches accumulate locally (DDP no_sync) and only the last backward pass of a step
-    all-reduces, the whole gradient once, on the same pass on both ranks
-    (`tests/grad_sync_probe.py` counts DDP's bucket all-reduces)."""
+def _grad_sync_probe(out_dir: Path, monkeypatch) -> list[str]:
+    """Overrides that hang `tests/grad_sync_probe.py` (counts DDP's bucket all-reduces per
+    backward pass, each rank into `out_dir/rank<r>.json`) on a run's Trainer."""
     # the probe imports as a top-level module (site-packages may hold a package named `tests`)
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
-    probe = base / f"grad_sync_{stage}"
-    hook = ["+callbacks.grad_sync._target_=grad_sync_probe.GradSyncProbe"]
-    hook += [f"+callbacks.grad_sync.out_dir={probe}"]
-    run = [f"hydra.run.dir={base}/{stage}_sync"]
-    if stage == "rm":  # the policy tests score with the one-process reward model
-        run += [f"paths.artifacts_dir={base}/sync_artifacts"]
-    _ok(train_cli([*BASE, *GRAD_SYNC[stage], *DDP, *run, *hook], base))
-    ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in range(2)]
+    return [
+        "+callbacks.grad_sync._target_=grad_sync_probe.GradSyncProbe",
+        f"+callbacks.grad_sync.out_dir={out_dir}",
+    ]
+
+
+def _assert_one_all_reduce_per_step(out_dir: Path) -> None:
+    """Micro-batches accumulate locally (DDP no_sync) and only the last backward pass of a step
+    all-reduces, the whole gradient once, on the same pass on both ranks."""
+    ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
     trained = ranks[0]["trained_elements"]
     for rank in ranks:
         steps = sum(b["steps"] for b in rank["batches"])
@@ -280,6 +277,17 @@ def test_one_gradient_all_reduce_per_optimiser_step(base, stage, monkeypatch):
     assert [b["backward"] for b in ranks[0]["batches"]] == [
         b["backward"] for b in ranks[1]["batches"]
     ]
+
+
+@pytest.mark.slow
+def test_dpo_all_reduces_the_gradient_once_per_optimiser_step(base, monkeypatch):
+    """The same count for DPO in micro-batches of 3 pairs (the reward model's and PPO's are
+    counted in their two-process equality runs above)."""
+    probe = base / "grad_sync_dpo"
+    dpo = ["stage=dpo", "dpo.batch_size=16", "dpo.max_epochs=1", "dpo.micro_batch_size=3"]
+    hook = _grad_sync_probe(probe, monkeypatch)
+    _ok(train_cli([*BASE, *dpo, *DDP, f"hydra.run.dir={base}/dpo_sync", *hook], base))
+    _assert_one_all_reduce_per_step(probe)
 
 
 def _result(run_dir: Path) -> dict:
