@@ -137,6 +137,18 @@ def test_eval_requests_are_held_out_and_the_split_follows_the_seed():
     assert a.eval_requests == ChatTask(None, seed=0).eval_requests != b.eval_requests
 
 
+def test_the_runs_seed_leaves_the_chat_tasks_data_alone(tmp_path):
+    """`seed=1` re-seeds the run (initialisation, data order, sampling keys), not the task's pairs:
+    they take ~30 min to sample and the recipes' reward model is trained on them (a `seed=1`
+    eval once set off a resample of all 1,500). The synthetic tasks, generated in seconds, still
+    follow the run's seed; `task.seed` picks the chat task's."""
+    for recipe in ("smollm2_rm", "smollm2_policy", "smollm2_dpo"):
+        cfg = compose([f"experiment={recipe}", "seed=1"], tmp_path)
+        assert (cfg.seed, cfg.task.seed) == (1, 0), recipe
+    assert compose(["task=chat", "model=smollm2", "task.seed=3"], tmp_path).task.seed == 3
+    assert compose(["seed=2"], tmp_path).task.seed == 2  # reviews
+
+
 @pytest.mark.parametrize(
     "kwargs, key",
     [
