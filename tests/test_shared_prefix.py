@@ -234,27 +234,45 @@ SGD = [
 ]
 
 
+SWITCHES = ["policy.shared_prefix", "rm.shared_prefix", "reward.shared_prefix"]
+
+
+def _train(stage: list[str], on: str, root: Path, extra: list[str] = ()) -> None:
+    out = train_cli(
+        [*stage, *TINY, "callbacks=none", *extra, *(f"{k}={on}" for k in SWITCHES)], root
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "[shared-prefix]" not in out.stdout  # no fallback on the tiny Llama
+
+
+@pytest.fixture(scope="module")
+def sft_and_rm(tmp_path_factory) -> dict[str, Path]:
+    """The SFT model and reward model trained with the switch on and with it off (the policy
+    cases below share them: their settings touch the policy stage only)."""
+    roots = {on: tmp_path_factory.mktemp(f"shared_{on}") for on in ("true", "false")}
+    for on, root in roots.items():
+        _train(["stage=pipeline", "stage.stages=[sft,rm]"], on, root)
+    return roots
+
+
+@pytest.mark.slow
+def test_the_reward_model_trained_with_the_switch_on_equals_it_off(sft_and_rm):
+    assert _max_diff(_weights(sft_and_rm["false"], "rm"), _weights(sft_and_rm["true"], "rm")) <= TOL
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(SWITCH))
-def test_runs_with_the_switch_on_equal_runs_with_it_off(case, tmp_path):
-    """The reward model with the switch on/off, then the policy on/off from the SAME sft and RM:
-    an RM 6e-8 apart (float32 sums in another order) would otherwise be compared through a policy
-    stage that amplifies it (see SGD)."""
-    switch = ["policy.shared_prefix", "rm.shared_prefix", "reward.shared_prefix"]
-    common = [*TINY, "callbacks=none", *SGD, *SWITCH[case]]
-
-    def run(stage: list[str], on: str, root: Path) -> None:
-        out = train_cli([*stage, *common, *(f"{key}={on}" for key in switch)], root)
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert "[shared-prefix]" not in out.stdout  # no fallback on the tiny Llama
-
-    on, off, policy_off = tmp_path / "true", tmp_path / "false", tmp_path / "policy_off"
-    run(["stage=pipeline"], "true", on)
-    run(["stage=pipeline", "stage.stages=[sft,rm]"], "false", off)
-    assert _max_diff(_weights(off, "rm"), _weights(on, "rm")) <= TOL
-    shutil.copytree(on / "artifacts", policy_off / "artifacts", symlinks=True)
-    run(["stage=policy"], "false", policy_off)
-    assert _max_diff(_weights(policy_off, "policy"), _weights(on, "policy")) <= TOL
+def test_runs_with_the_switch_on_equal_runs_with_it_off(case, sft_and_rm, tmp_path):
+    """The policy on/off from the SAME sft and RM (the switch-on ones): an RM 6e-8 apart (float32
+    sums in another order) would otherwise be compared through a policy stage that amplifies it
+    (see SGD)."""
+    for on in ("true", "false"):
+        shutil.copytree(
+            sft_and_rm["true"] / "artifacts", tmp_path / on / "artifacts", symlinks=True
+        )
+        _train(["stage=policy"], on, tmp_path / on, [*SGD, *SWITCH[case]])
+    on, off = tmp_path / "true", tmp_path / "false"
+    assert _max_diff(_weights(off, "policy"), _weights(on, "policy")) <= TOL
     assert _max_diff(_weights(on, "policy"), _weights(on, "sft")) > 1e-3
 
 
