@@ -16,12 +16,9 @@ from rlhf_lightning.loggers import in_multirun
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from rlhf_lightning.run import run
+
     try:
-        from rlhf_lightning.config import validate
-
-        validate(cfg)  # before importing Lightning (~5 s here): a bad value fails at once
-        from rlhf_lightning.run import run
-
         return run(cfg)
     except RLHFError as err:
         print(f"error: {err}", file=sys.stderr)
