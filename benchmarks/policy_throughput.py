@@ -704,8 +704,8 @@ def eval_command(args, ws: common.Workspace, spec: dict, policy: str, compare: s
     policy as reference, the RM as proxy, the training T and temperature, keyed samples."""
     cmd = [sys.executable, str(ROOT / "eval.py")]
     if ws.task == "chat":  # the chat task's held-out requests (its cache under the repo's data/),
-        # from the samples the workspace's pairs came from: --seed is the training runs' seed only
-        # (as `seed=` it would also re-seed the task — other held-out prompts, resampled pairs)
+        # from the samples the workspace's pairs came from, whatever task.seed drew them; --seed
+        # is the training runs' seed (sampling keys only)
         cmd += ["task=chat", "model=smollm2", f"task.seed={common.chat_samples_seed()}"]
     else:  # the workspace's own reviews task files
         cmd += ["task=reviews", "model=tiny", f"paths.data_dir={ws.data_dir}"]

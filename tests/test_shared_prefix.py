@@ -234,12 +234,12 @@ SGD = [
 ]
 
 
-SWITCHES = ["policy.shared_prefix", "rm.shared_prefix", "reward.shared_prefix"]
+SWITCH_KEYS = ["policy.shared_prefix", "rm.shared_prefix", "reward.shared_prefix"]
 
 
 def _train(stage: list[str], on: str, root: Path, extra: list[str] = ()) -> None:
     out = train_cli(
-        [*stage, *TINY, "callbacks=none", *extra, *(f"{k}={on}" for k in SWITCHES)], root
+        [*stage, *TINY, "callbacks=none", *extra, *(f"{k}={on}" for k in SWITCH_KEYS)], root
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "[shared-prefix]" not in out.stdout  # no fallback on the tiny Llama

@@ -5,7 +5,7 @@ keyed by (seed, SAMPLE_STREAM + split, pair, j), so a pair does not depend on th
 in. `SampleCache` keeps every sampled pair in `<data_dir>/samples/<split>.jsonl`, appended batch by
 batch (an interrupted run resumes where it stopped; a larger split only samples its new pairs),
 valid while `samples/key.json` — the settings the samples depend on — is unchanged. Another key
-(e.g. `seed=1`) moves the cache it replaces aside into `samples/<digest of its key>/` rather than
+(e.g. `task.seed=1`) moves the cache it replaces aside into `samples/<digest of its key>/` rather than
 deleting it (its pairs took minutes of sampling each), and moves its own back when it finds it
 there: switching settings back and forth samples nothing twice.
 """
