@@ -1,8 +1,14 @@
 """rlhf-lightning: RLHF as clean, swappable, verifiable parts on PyTorch Lightning and Hydra."""
 
 import logging as _logging
+import os as _os
 
 __version__ = "0.1.0"
+
+# Set before anything imports wandb, tokenizers or huggingface_hub (a user's environment wins).
+_os.environ.setdefault("WANDB_SILENT", "true")
+_os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 # Importing Lightning imports matplotlib (through torchmetrics), which logs "generated new
 # fontManager" at INFO on a machine's first run, and Hydra's job logging prints INFO: known noise,

@@ -1,7 +1,9 @@
 """Start-up checks of the composed configuration: impossible values fail before any work starts.
 
 Hydra already rejects unknown keys and unknown group options (the config is in struct mode); this
-module checks values. Each rule names the key, what is wrong and what would be right, in one line.
+module checks values: `validate` train.py's config, `validate_eval` eval.py's. Each rule names the
+key, what is wrong and what would be right, in one line. Nothing here imports torch, transformers
+or Lightning (names come from `choices`), so a bad value fails before they are imported.
 """
 
 from __future__ import annotations
@@ -13,14 +15,15 @@ from collections.abc import Callable
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
+from rlhf_lightning.choices import (
+    ALGORITHMS,
+    DECAY_EXCLUSIONS,
+    DPO_LOSSES,
+    DTYPES,
+    KL_ESTIMATORS,
+    STAGES,
+)
 from rlhf_lightning.errors import ConfigError
-from rlhf_lightning.losses.dpo import DPO_LOSSES
-from rlhf_lightning.losses.kl import KL_ESTIMATORS
-from rlhf_lightning.models.factory import DTYPES
-from rlhf_lightning.modules.algorithm import ALGORITHMS
-from rlhf_lightning.modules.optim import DECAY_EXCLUSIONS
-
-STAGES = ("sft", "rm", "policy", "dpo")
 
 
 def _number(x) -> bool:
@@ -133,11 +136,7 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError (one line) for the first impossible value in `cfg`."""
-    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
-    if missing:
-        raise ConfigError(
-            f"{missing[0]} is required (???): set it on the command line, {missing[0]}=..."
-        )
+    _require_no_missing(cfg)
     stages = _get(cfg, "stage.stages")
     if not stages or any(s not in STAGES for s in stages):
         raise ConfigError(f"stage.stages={stages}: each stage must be one of {list(STAGES)}")
@@ -148,6 +147,38 @@ def validate(cfg: DictConfig) -> None:
         if not check(value):
             raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
     _check_combinations(cfg)
+
+
+def validate_eval(cfg: DictConfig) -> None:
+    """eval.py's `validate`: one ConfigError line for the first missing or impossible value of
+    `conf/eval.yaml`."""
+    _require_no_missing(cfg)
+    if cfg.mode not in ("policy", "rm"):
+        raise ConfigError(f"mode={cfg.mode!r} is invalid: expected 'policy' or 'rm'")
+    positive = {
+        "samples_per_prompt": cfg.samples_per_prompt,
+        "batch_size": cfg.batch_size,
+        "bootstrap.n_resamples": cfg.bootstrap.n_resamples,
+        "best_of_n.max_samples": cfg.best_of_n.max_samples,
+        "best_of_n.n_prompts": cfg.best_of_n.n_prompts,
+        "degenerate_ngram": cfg.degenerate_ngram,
+        "calibration_bins": cfg.calibration_bins,
+        "generation.max_new_tokens": cfg.generation.max_new_tokens,
+        "n_prompts": 1 if cfg.n_prompts is None else cfg.n_prompts,
+    }
+    for key, value in positive.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{key}={value!r} is invalid: expected an integer > 0")
+    if not cfg.generation.temperature > 0:
+        raise ConfigError(f"generation.temperature={cfg.generation.temperature!r}: expected > 0")
+
+
+def _require_no_missing(cfg: DictConfig) -> None:
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
+    if missing:
+        raise ConfigError(
+            f"{missing[0]} is required (???): set it on the command line, {missing[0]}=..."
+        )
 
 
 def _check_combinations(cfg: DictConfig) -> None:

@@ -1,6 +1,6 @@
 """The loggers of a run: one Lightning logger per stage, wandb runs grouped by pipeline or sweep.
 
-Shared by `train.py` (`run.RunContext`) and `eval.py` (`evaluate.run`): `build_logger` makes the
+Shared by `train.py` (`context.RunContext`) and `eval.py` (`evaluate.run`): `build_logger` makes the
 logger of `conf/logger/<option>`, `finish_wandb` closes a wandb run so runs never share one, and
 `sweep_names`/`in_multirun` say whether this process is a job of a Hydra multirun.
 """

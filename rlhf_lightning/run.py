@@ -1,126 +1,25 @@
 """`run(cfg)`: the testable body of `train.py` — validate, then run the configured stages in order.
 
-Each stage builds data → module → callbacks → loggers → trainer in that order (STYLE.md) through
-a `RunContext`, which holds what stages share: the data source, the tokenizer, the model spec and
-the artifact paths. Every stage is its own wandb run, grouped under the pipeline or sweep name.
+`config.validate` runs before torch, transformers or Lightning are imported, so an impossible value
+fails in about a second; then each stage runs through a `context.RunContext` (what the stages
+share) and `stages.STAGE_RUNNERS`. Every stage is its own wandb run, grouped under the pipeline or
+sweep name.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import lightning as L
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_lightning.callbacks.progress import progress_bar
 from rlhf_lightning.config import validate
-from rlhf_lightning.data.spec import DataSpec
-from rlhf_lightning.distributed import is_rank_zero
-from rlhf_lightning.loggers import build_logger, finish_wandb, in_multirun, sweep_names
-from rlhf_lightning.models.factory import ModelSpec
-from rlhf_lightning.precision import warn_if_emulated
-from rlhf_lightning.resume import (
-    RNGState,
-    SafeCheckpointIO,
-    checkpoint_dir,
-    quiet_resume_warnings,
-    resolve_checkpoints,
-)
-from rlhf_lightning.sharding import check_strategy
 
-os.environ.setdefault("WANDB_SILENT", "true")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-
-class RunContext:
-    """What the stages of one run share, built lazily from the composed config; the
-    `rewards.base.RewardContext` a reward's `setup` reads."""
-
-    def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
-        self.data: DataSpec = instantiate(cfg.data)
-        self.model_spec: ModelSpec = instantiate(cfg.model)
-        self.artifacts_dir = Path(cfg.paths.artifacts_dir) / self.data.name
-        self.output_dir = Path(cfg.paths.output_dir)
-        self.checkpoints = resolve_checkpoints(  # fails at start-up when ckpt_path is wrong
-            cfg.get("ckpt_path"), list(cfg.stage.stages), self.output_dir, not in_multirun()
-        )
-        self._tokenizer = None
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = self.model_spec.tokenizer(
-                self.data.corpus, cache_dir=self.artifacts_dir / "tokenizer"
-            )
-        return self._tokenizer
-
-    def artifact(self, stage: str, write: bool = False) -> Path:
-        """Where a stage's artifact is read from or (`write=True`) written to.
-
-        In a multirun every job writes into its own run dir (`<job>/artifacts/<stage>`), so parallel
-        jobs never overwrite each other, and reads prefer what the job itself made, else the shared
-        `artifacts/<task>/<stage>` (so a β sweep reuses one SFT and one RM).
-        """
-        local = self.output_dir / "artifacts" / stage
-        if write:
-            return local if sweep_names(stage)[0] is not None else self.artifacts_dir / stage
-        return local if (local / "config.json").exists() else self.artifacts_dir / stage
-
-    def ckpt_path(self, stage: str) -> str | None:
-        """The checkpoint `stage` resumes from (see `rlhf_lightning.resume`), or None."""
-        path = self.checkpoints.get(stage)
-        if path is not None:
-            print(f"[{stage}] resuming from {path}")
-            quiet_resume_warnings()
-        return path
-
-    def trainer(self, stage: str, **overrides) -> L.Trainer:
-        nodes = (self.cfg.get("callbacks") or {}).values()  # an experiment may size a callback
-        callbacks = [instantiate(c) for c in nodes if "_target_" in c]  # that callbacks=none drops
-        callbacks = [c for c in callbacks if stage in getattr(c, "stages", (stage,))]
-        if self.cfg.get("checkpoint") is None:  # checkpoint=null: no Lightning checkpoint (the
-            overrides["enable_checkpointing"] = False  # artifact is still saved): 1.6 GB less per
-            checkpoints = []  # SmolLM2 stage, and this run leaves nothing to resume from
-        else:
-            dirpath = checkpoint_dir(self.output_dir, stage)  # checkpoints/<stage>/last.ckpt
-            checkpoints = [instantiate(self.cfg.checkpoint, dirpath=str(dirpath))]
-        if self.cfg.trainer.get("enable_progress_bar", True):
-            callbacks.append(progress_bar())  # "Epoch 0 · ≤ 60 steps", not Lightning's "0/-2"
-        trainer = instantiate(
-            self.cfg.trainer,
-            callbacks=[RNGState(), *callbacks, *checkpoints],  # RNG first: see RNGState
-            logger=self._logger(stage),
-            plugins=[SafeCheckpointIO()],  # checkpoints load with weights_only=True
-            **overrides,
-        )
-        check_strategy(trainer.strategy)  # before any work: e.g. ZeRO-3 is refused
-        warn_if_emulated(trainer)  # bf16 on a CPU without AVX-512 BF16/AMX: ~30x slower
-        for logger in trainer.loggers:  # the whole composed config, so runs can be compared
-            logger.log_hyperparams(to_dict(self.cfg))
-        return trainer
-
-    def _logger(self, stage: str):
-        sweep_group, sweep_name = sweep_names(stage)
-        group = sweep_group or f"{self.data.name}-{self.output_dir.name}"
-        return build_logger(self.cfg.get("logger"), stage, group, sweep_name)
-
-    @contextlib.contextmanager
-    def stage_run(self, stage: str) -> Iterator[None]:
-        """Seed, run a stage, and always close its wandb run so runs never share one."""
-        L.seed_everything(self.cfg.seed, workers=True, verbose=False)
-        try:
-            yield
-        finally:
-            finish_wandb()
+if TYPE_CHECKING:
+    from rlhf_lightning.context import RunContext
 
 
 def quiet_third_party() -> None:
@@ -149,7 +48,9 @@ def quiet_third_party() -> None:
 
 def run(cfg: DictConfig) -> float | None:
     """Run `cfg.stage.stages` in order; return the metric a sweeper optimises (or None)."""
-    validate(cfg)
+    validate(cfg)  # before the imports below: a bad value fails without paying for them
+    from rlhf_lightning.context import RunContext
+    from rlhf_lightning.distributed import is_rank_zero
     from rlhf_lightning.stages import STAGE_RUNNERS
 
     quiet_third_party()

@@ -90,11 +90,30 @@ def with_paths(cfg: DictConfig, tmp_path: Path) -> DictConfig:
     return cfg
 
 
-def train_cli(args: list[str], root: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `python train.py <args> paths.root_dir=<root>` from the repo root, offline."""
+# What a start-up config check must not need: `python_without(script, HEAVY)` makes them unimportable
+HEAVY = ("torch", "transformers", "lightning")
+
+
+def python_without(script: str, modules: tuple[str, ...]) -> list[str]:
+    """The command that runs `script` (train.py, eval.py) as `python <script>` does, with `modules`
+    unimportable (each import of them raises ImportError): what the script does before importing
+    them, it does without them."""
+    code = (
+        f"import runpy, sys; sys.modules.update(dict.fromkeys({list(modules)!r})); "
+        f"sys.argv[0] = {script!r}; runpy.run_path({script!r}, run_name='__main__')"
+    )
+    return [sys.executable, "-c", code]
+
+
+def train_cli(
+    args: list[str], root: Path, timeout: float = 300, without: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """Run `python train.py <args> paths.root_dir=<root>` from the repo root, offline (`without`:
+    modules it may not import, see `python_without`)."""
     env = {**os.environ, **OFFLINE_ENV}
+    python = python_without("train.py", without) if without else [sys.executable, "train.py"]
     return subprocess.run(
-        [sys.executable, "train.py", *args, f"paths.root_dir={root}"],
+        [*python, *args, f"paths.root_dir={root}"],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -287,7 +287,7 @@ def test_gold_accuracy_in_reward_model_stage(oracle, tmp_path):
 
 
 def test_run_keeps_each_callback_in_its_stages(tmp_path):
-    from rlhf_lightning.run import RunContext
+    from rlhf_lightning.context import RunContext
 
     ctx = RunContext(compose(["stage=pipeline", "logger=none"], tmp_path))
     names = {
@@ -312,7 +312,7 @@ def test_progress_bar_describes_a_run_bounded_by_steps(tmp_path):
     from lightning.pytorch.callbacks import ProgressBar
 
     from rlhf_lightning.callbacks.progress import StageRichProgressBar
-    from rlhf_lightning.run import RunContext
+    from rlhf_lightning.context import RunContext
 
     ctx = RunContext(compose(["logger=none"], tmp_path))
 

@@ -209,7 +209,8 @@ def test_fit_prompts_leaves_prompts_alone_without_a_budget(folders):
 def test_the_rm_artifact_records_its_max_length_and_the_reward_scores_at_it(tmp_path):
     from helpers import TINY, compose
 
-    from rlhf_lightning.run import RunContext, run
+    from rlhf_lightning.context import RunContext
+    from rlhf_lightning.run import run
 
     cfg = compose(["stage=rm", *TINY, "rm.max_length=48", "callbacks=none"], tmp_path)
     run(cfg)

@@ -21,6 +21,7 @@ from layouts import EOT, LAYOUTS, broken, save_checkpoint, tokenizer_of
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_lightning.config import validate
+from rlhf_lightning.context import RunContext
 from rlhf_lightning.data.batching import truncate
 from rlhf_lightning.data.chat import DEFAULT_CHAT_TEMPLATE, render_completion, render_prompt
 from rlhf_lightning.data.encoding import (
@@ -39,7 +40,7 @@ from rlhf_lightning.generation.settings import GenerationSettings
 from rlhf_lightning.models.factory import ModelSpec, checkpoint_tokenizer
 from rlhf_lightning.models.tokenizer import build_tokenizer
 from rlhf_lightning.rewards.learned import LearnedReward
-from rlhf_lightning.run import RunContext, run
+from rlhf_lightning.run import run
 from rlhf_lightning.tasks.reviews import ReviewsTask
 
 N_PAIRS = 32

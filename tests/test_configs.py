@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from rlhf_lightning.config import STAGES, validate
+from rlhf_lightning.context import RunContext
 from rlhf_lightning.control.beta import BetaController
 from rlhf_lightning.data.spec import FileData, TaskData
 from rlhf_lightning.errors import ConfigError
@@ -24,7 +25,6 @@ from rlhf_lightning.modules.algorithm import Algorithm
 from rlhf_lightning.modules.reward_model import RewardModelModule
 from rlhf_lightning.modules.sft import SFTModule
 from rlhf_lightning.rewards.base import RewardFunction
-from rlhf_lightning.run import RunContext
 from rlhf_lightning.tasks.base import Task
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())

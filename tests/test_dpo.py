@@ -22,10 +22,11 @@ from transformers import AutoModelForCausalLM
 
 from rlhf_lightning.artifacts import MANIFEST
 from rlhf_lightning.config import validate
+from rlhf_lightning.context import RunContext
 from rlhf_lightning.data.preference import PreferenceCollator, PreferenceDataModule
 from rlhf_lightning.errors import ArtifactError, ConfigError
 from rlhf_lightning.models import shared_prefix as S
-from rlhf_lightning.run import RunContext, run
+from rlhf_lightning.run import run
 from rlhf_lightning.stages.dpo import build_dpo_module
 
 TINY_DPO = [*TINY, "dpo.max_epochs=1", "dpo.eval_samples=16"]

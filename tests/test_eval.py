@@ -15,7 +15,16 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from helpers import OFFLINE_ENV, REPO, TINY_MODEL, TINY_TASK, TINY_TRAINING, read_wandb_history
+from helpers import (
+    HEAVY,
+    OFFLINE_ENV,
+    REPO,
+    TINY_MODEL,
+    TINY_TASK,
+    TINY_TRAINING,
+    python_without,
+    read_wandb_history,
+)
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import open_dict
@@ -211,9 +220,10 @@ def test_checkpoint_arguments_are_read_as_checkpoint_keys():
 # ---- end to end on tiny artifacts ---------------------------------------------------------------
 
 
-def _cli(script: str, args: list[str], root: Path, env: dict | None = None):
+def _cli(script: str, args: list[str], root: Path, env: dict | None = None, without=()):
+    python = python_without(script, without) if without else [sys.executable, script]
     return subprocess.run(
-        [sys.executable, script, *args, f"paths.root_dir={root}"],
+        [*python, *args, f"paths.root_dir={root}"],
         cwd=REPO,
         env={**os.environ, **OFFLINE_ENV, **(env or {})},
         capture_output=True,
@@ -437,6 +447,18 @@ def test_eval_cli_error_is_one_line_with_exit_code_2(tmp_path):
     assert "python train.py" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # an eval.py subprocess
+def test_a_bad_eval_value_fails_before_torch_is_imported(tmp_path):
+    """eval.py checks its config before torch, transformers or Lightning are imported (here they
+    cannot be): one line, exit 2, nothing evaluated."""
+    proc = _cli("eval.py", ["logger=none", "samples_per_prompt=0"], tmp_path, without=HEAVY)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (
+        "error: samples_per_prompt=0 is invalid: expected an integer > 0"
+    ), proc.stderr[-2000:]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "artifacts").exists()
+
+
 @pytest.mark.parametrize(
     "override, named",
     [
@@ -447,8 +469,8 @@ def test_eval_cli_error_is_one_line_with_exit_code_2(tmp_path):
     ],
 )
 def test_bad_eval_value_fails_in_one_line_naming_the_key(override, named, tmp_path):
+    from rlhf_lightning.config import validate_eval
     from rlhf_lightning.errors import ConfigError
-    from rlhf_lightning.evaluate.context import validate_eval
 
     with pytest.raises(ConfigError, match=named) as err:
         validate_eval(compose_eval([override], tmp_path, tmp_path / "out"))

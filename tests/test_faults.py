@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import OFFLINE_ENV, REPO, TINY, compose, train_cli, with_paths
+from helpers import HEAVY, OFFLINE_ENV, REPO, TINY, compose, train_cli, with_paths
 from hydra.errors import ConfigCompositionException
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, open_dict
@@ -51,6 +51,7 @@ from rlhf_lightning.artifacts import (
     remove_stale_versions,
     save_model_artifact,
 )
+from rlhf_lightning.context import RunContext
 from rlhf_lightning.data.batching import LengthGroupedBatchSampler, trained_position
 from rlhf_lightning.errors import ArtifactError, ConfigError, DataError, NumericalError
 from rlhf_lightning.models.factory import ModelSpec
@@ -63,7 +64,7 @@ from rlhf_lightning.resume import (
     rng_state,
     set_rng_state,
 )
-from rlhf_lightning.run import RunContext, run
+from rlhf_lightning.run import run
 
 # 2 epochs of 8 steps (256 pairs / 32), a checkpoint every 2 steps
 RM_RESUME = ["stage=rm", *TINY, "rm.max_epochs=2", "checkpoint.every_n_train_steps=2"]
@@ -661,7 +662,10 @@ def test_an_unknown_key_fails_at_composition(override):
 
 @pytest.mark.slow  # a train.py subprocess
 def test_a_wrong_type_through_train_py_writes_nothing(tmp_path):
-    result = train_cli(["stage=rm", *TINY, "rm.batch_size=abc"], tmp_path, timeout=120)
+    """...and fails before torch, transformers or Lightning are imported (here they cannot be): a
+    mistyped value costs a second, not the ~10 s their imports take."""
+    args = ["stage=rm", *TINY, "rm.batch_size=abc"]
+    result = train_cli(args, tmp_path, timeout=120, without=HEAVY)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip() == "error: rm.batch_size='abc' is invalid: expected an integer > 0"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]  # no data, no artifacts

@@ -64,7 +64,7 @@ def test_bf16_on_a_cpu_that_emulates_it_warns(monkeypatch, setting, native, warn
 
 def test_a_run_with_bf16_on_an_emulating_cpu_warns_once(monkeypatch, tmp_path):
     """Through `RunContext.trainer`, as train.py builds every stage's Trainer."""
-    from rlhf_lightning.run import RunContext
+    from rlhf_lightning.context import RunContext
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     cfg = compose(["stage=rm", "trainer.precision=bf16-mixed", "logger=none"], tmp_path)

@@ -125,7 +125,7 @@ def test_bad_quality_options_fail_at_start_up(override, key, tmp_path):
 
 
 def test_score_init_std_zero_starts_every_score_at_zero(tiny_cfg):
-    from rlhf_lightning.run import RunContext
+    from rlhf_lightning.context import RunContext
     from rlhf_lightning.stages.rm import initial_reward_model
 
     tiny_cfg.rm.score_init_std = 0.0

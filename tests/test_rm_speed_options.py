@@ -46,8 +46,8 @@ def test_trainable_layers_trains_only_the_top_blocks_and_the_head(tmp_path, monk
 
 
 def test_lora_trains_an_adapter_and_saves_a_plain_reward_model(tmp_path, monkeypatch):
+    from rlhf_lightning.context import RunContext
     from rlhf_lightning.rewards.learned import LearnedReward
-    from rlhf_lightning.run import RunContext
 
     init, saved, folder = trained(tmp_path, monkeypatch, "rm.lora={r:4,alpha:8}")
     after = saved.state_dict()

@@ -16,9 +16,10 @@ from helpers import TINY, train_cli, with_paths
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_lightning.artifacts import MANIFEST, content_hash
+from rlhf_lightning.context import RunContext
 from rlhf_lightning.data.encoding import encode_prompt, encode_response
 from rlhf_lightning.rewards.learned import LearnedReward
-from rlhf_lightning.run import RunContext, run
+from rlhf_lightning.run import run
 
 VAL_KEYS = (
     "val/loss",

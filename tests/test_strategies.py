@@ -201,8 +201,8 @@ def test_fsdp_precision_refuses_clipping_by_norm():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="an FSDP Trainer needs a CUDA GPU")
 def test_run_context_builds_the_fsdp_trainer_on_a_gpu(tmp_path):
+    from rlhf_lightning.context import RunContext
     from rlhf_lightning.resume import SafeCheckpointIO
-    from rlhf_lightning.run import RunContext
 
     cfg = compose(["stage=rm", "trainer=fsdp", "trainer.devices=1", "logger=csv"], tmp_path)
     trainer = RunContext(cfg).trainer("rm", max_epochs=1)

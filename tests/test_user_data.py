@@ -23,9 +23,10 @@ from transformers import (
 )
 
 from rlhf_lightning.artifacts import MANIFEST
+from rlhf_lightning.context import RunContext
 from rlhf_lightning.models.tokenizer import build_tokenizer
 from rlhf_lightning.rewards.learned import LearnedReward
-from rlhf_lightning.run import RunContext, run
+from rlhf_lightning.run import run
 from rlhf_lightning.tasks.reviews import ReviewsTask
 
 N_ROWS = 64

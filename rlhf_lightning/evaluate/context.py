@@ -160,32 +160,3 @@ def check_same_vocabulary(tokenizer, other, roles: str) -> None:
             f"{roles} have different tokenizers ({len(tokenizer)} vs {len(other)} tokens): KL "
             "needs one vocabulary; pass a reference fine-tuned from the same base"
         )
-
-
-def validate_eval(cfg: DictConfig) -> None:
-    """One ConfigError line for the first missing or impossible value of `conf/eval.yaml`."""
-    from omegaconf import OmegaConf
-
-    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
-    if missing:
-        raise ConfigError(
-            f"{missing[0]} is required (???): set it on the command line, {missing[0]}=..."
-        )
-    if cfg.mode not in ("policy", "rm"):
-        raise ConfigError(f"mode={cfg.mode!r} is invalid: expected 'policy' or 'rm'")
-    positive = {
-        "samples_per_prompt": cfg.samples_per_prompt,
-        "batch_size": cfg.batch_size,
-        "bootstrap.n_resamples": cfg.bootstrap.n_resamples,
-        "best_of_n.max_samples": cfg.best_of_n.max_samples,
-        "best_of_n.n_prompts": cfg.best_of_n.n_prompts,
-        "degenerate_ngram": cfg.degenerate_ngram,
-        "calibration_bins": cfg.calibration_bins,
-        "generation.max_new_tokens": cfg.generation.max_new_tokens,
-        "n_prompts": 1 if cfg.n_prompts is None else cfg.n_prompts,
-    }
-    for key, value in positive.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{key}={value!r} is invalid: expected an integer > 0")
-    if not cfg.generation.temperature > 0:
-        raise ConfigError(f"generation.temperature={cfg.generation.temperature!r}: expected > 0")

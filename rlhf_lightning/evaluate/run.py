@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
-from rlhf_lightning.evaluate.context import EvalContext, validate_eval
-from rlhf_lightning.evaluate.report import scalars, summary_markdown, write_report
+from rlhf_lightning.config import validate_eval
 from rlhf_lightning.loggers import build_logger, finish_wandb
 from rlhf_lightning.run import files_to_open, quiet_third_party, to_dict
+
+if TYPE_CHECKING:
+    from rlhf_lightning.evaluate.context import EvalContext
 
 
 def run_eval(cfg: DictConfig) -> float:
     """Evaluate per `cfg.mode`; return the headline number (gold win rate, else the proxy's; in
     `mode=rm` the preference accuracy), which a Hydra sweeper can optimise."""
-    validate_eval(cfg)
+    validate_eval(cfg)  # before the imports below: a bad value fails without paying for them
     quiet_third_party()
     import torch
+
+    from rlhf_lightning.evaluate.context import EvalContext
+    from rlhf_lightning.evaluate.report import summary_markdown, write_report
 
     torch.manual_seed(cfg.seed)  # sampling is keyed; this only fixes anything left unkeyed
     ctx = EvalContext(cfg)
@@ -55,6 +61,8 @@ def log_result(cfg: DictConfig, ctx: EvalContext, result: dict, files: dict[str,
     if not logger:
         return
     from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    from rlhf_lightning.evaluate.report import scalars
 
     values = scalars(result)
     logger.log_hyperparams(to_dict(cfg))

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DPO_LOSSES = ("sigmoid", "ipo", "robust")
+from rlhf_lightning.choices import DPO_LOSSES
 
 
 def dpo_sigmoid_loss(

@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rlhf_lightning.choices import KL_ESTIMATORS
 from rlhf_lightning.losses.masked import masked_sum
-
-KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def kl_per_token(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:

@@ -25,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from rlhf_lightning import choices
 from rlhf_lightning.errors import ArtifactError, CheckpointError, ConfigError
 from rlhf_lightning.models import lora as _lora
 from rlhf_lightning.models.tokenizer import PAD, build_tokenizer
@@ -39,7 +40,7 @@ TINY_DEFAULTS: dict[str, Any] = dict(
     tie_word_embeddings=True,
 )
 # model.dtype: the parameter dtypes a model may be loaded in
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in choices.DTYPES}  # config.validate checks names
 WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 

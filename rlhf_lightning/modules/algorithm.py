@@ -35,8 +35,6 @@ from rlhf_lightning.losses import (
     token_rewards,
 )
 
-ALGORITHMS = ("ppo", "rloo", "grpo", "reinforce", "exact")
-
 
 @dataclass
 class Algorithm:

@@ -6,10 +6,7 @@ from collections.abc import Callable, Iterable
 
 from torch import nn
 
-# What `no_decay` may name: parameters trained without weight decay (TRL / HF Trainer practice:
-# decay shrinks a norm's gain or a bias towards 0, which is not a simpler model; an embedding row
-# is decayed at every step whether its token appears in the batch or not)
-DECAY_EXCLUSIONS = ("bias", "norm", "embedding")
+from rlhf_lightning.choices import DECAY_EXCLUSIONS  # what `no_decay` may name
 
 
 def parameter_kind(module: nn.Module, name: str) -> str:

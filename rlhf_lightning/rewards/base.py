@@ -8,7 +8,7 @@ A rollout also knows which responses ended with a stop token (`ended`, False whe
 Likewise a rollout knows its group size k (k samples per prompt, in runs of k rows): rewards
 that run a prompt once per group (`reads_groups`: the learned RM, ensembles) take `group_size=`.
 
-`setup(ctx)` reads a `RewardContext`: a training run (`run.RunContext`), an evaluation
+`setup(ctx)` reads a `RewardContext`: a training run (`context.RunContext`), an evaluation
 (`evaluate.context.EvalContext`) or a benchmark's stand-in all serve it.
 """
 
