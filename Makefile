@@ -30,11 +30,13 @@ eval: install
 # fixtures built once); each test runs torch on one thread (tests/conftest.py), so two workers use
 # the two cores of the machine CI runs on: 21 min 39 s serial, 10 min 52 s with two (739 tests,
 # AVX-512 CPU); 21-23 min with two on an AVX2-only CPU (758 tests).
-# TEST_WORKERS=0 runs it in one process.
+# TEST_WORKERS=0 runs it in one process. --durations: the 20 slowest tests, so CI's log shows
+# where the time goes.
 TEST_WORKERS ?= 2
 
 test: install
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+		--durations=20
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
