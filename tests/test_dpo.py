@@ -210,14 +210,16 @@ def test_a_pair_whose_prompts_differ_takes_the_plain_pass(sft_ctx, pair_batch, m
 
 
 @pytest.mark.slow
-def test_dpo_runs_with_the_shared_prompt_on_equal_runs_with_it_off(tmp_path):
+def test_dpo_runs_with_the_shared_prompt_on_equal_runs_with_it_off(sft_ctx, tmp_path):
     """`dpo.shared_prefix=true|false` from the same SFT artifact, under plain SGD steps (Adam
     would turn float32 round-off of near-zero gradients into ±lr steps, see test_shared_prefix):
     the same DPO policy to 1e-5."""
     sgd = ["~dpo.module.optimizer.weight_decay", "dpo.module.optimizer._target_=torch.optim.SGD"]
     args = [*TINY_DPO, "callbacks=none", *sgd, "dpo.module.optimizer.lr=1.0"]
-    assert train_cli(["stage=sft", *args], tmp_path / "true").returncode == 0
-    shutil.copytree(tmp_path / "true" / "artifacts", tmp_path / "false" / "artifacts")
+    for flag in ("true", "false"):  # the module's SFT (TINY_DPO: the same SFT settings)
+        shutil.copytree(
+            Path(sft_ctx.cfg.paths.root_dir, "artifacts"), tmp_path / flag / "artifacts"
+        )
     weights = {}
     for flag in ("true", "false"):
         proc = train_cli(["stage=dpo", *args, f"dpo.shared_prefix={flag}"], tmp_path / flag)
