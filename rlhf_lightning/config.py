@@ -174,11 +174,24 @@ def validate_eval(cfg: DictConfig) -> None:
 
 
 def _require_no_missing(cfg: DictConfig) -> None:
-    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
+    """The first `???` value, read without resolving interpolations (`OmegaConf.missing_keys`
+    resolves them all, and a recipe's `${bf16_if_native:…}` would import torch to do so)."""
+    raw = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
+    missing = sorted(k for k in _missing_keys(raw) if not k.startswith("hydra"))
     if missing:
         raise ConfigError(
             f"{missing[0]} is required (???): set it on the command line, {missing[0]}=..."
         )
+
+
+def _missing_keys(node, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        items = ((f"{prefix}.{k}" if prefix else str(k), v) for k, v in node.items())
+    elif isinstance(node, list):
+        items = ((f"{prefix}[{i}]", v) for i, v in enumerate(node))
+    else:
+        return [prefix] if node == "???" else []
+    return [key for name, value in items for key in _missing_keys(value, name)]
 
 
 def _check_combinations(cfg: DictConfig) -> None:

@@ -661,10 +661,14 @@ def test_an_unknown_key_fails_at_composition(override):
 
 
 @pytest.mark.slow  # a train.py subprocess
-def test_a_wrong_type_through_train_py_writes_nothing(tmp_path):
+@pytest.mark.parametrize(
+    "run", [["stage=rm", *TINY], ["experiment=smollm2_rm"]], ids=["tiny", "recipe"]
+)
+def test_a_wrong_type_through_train_py_writes_nothing(run, tmp_path):
     """...and fails before torch, transformers or Lightning are imported (here they cannot be): a
-    mistyped value costs a second, not the ~10 s their imports take."""
-    args = ["stage=rm", *TINY, "rm.batch_size=abc"]
+    mistyped value costs a second or two, not the ~10 s their imports take — in a recipe too, whose
+    `${bf16_if_native:…}` precision is not resolved to check it."""
+    args = [*run, "rm.batch_size=abc"]
     result = train_cli(args, tmp_path, timeout=120, without=HEAVY)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip() == "error: rm.batch_size='abc' is invalid: expected an integer > 0"
