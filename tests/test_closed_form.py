@@ -28,7 +28,7 @@ from rlhf_lightning.analysis.optimum import optimal_frontier
 BETAS = (0.1, 1.0)
 ALGORITHMS = ("exact", "rloo", "ppo")
 LR = 2e-3  # AdamW, as conf/policy/default.yaml otherwise (betas 0.9/0.95, no weight decay)
-STEPS = 150  # training steps: one rollout each (ppo takes epochs × minibatches updates per step)
+STEPS = 100  # training steps: one rollout each (ppo takes epochs × minibatches updates per step)
 PROMPTS_PER_STEP = 64  # × group_size (rloo, ppo: 4) samples per step
 
 
