@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, compose, train_cli
+from helpers import TINY, compose, train_cli, with_paths
 
 from rlhf_lightning.config import validate
 from rlhf_lightning.data.batching import LengthGroupedBatchSampler, rank_deal, rank_slice
 from rlhf_lightning.errors import ConfigError
 from rlhf_lightning.generation.keyed import KeyedGumbelSampling, sample_seeds
 from rlhf_lightning.losses import masked_whiten, reinforce_advantages
+from rlhf_lightning.run import run as run_in_process
 
 TOL = 1e-5
 
@@ -320,7 +321,7 @@ def test_ddp_policy_killed_and_resumed_equals_one_uninterrupted_process(base):
     policy = [*BASE, "stage=policy", "policy.steps=6", "checkpoint.every_n_train_steps=2"]
     policy += ["kl_controller=adaptive"]
     runs = base / "resume"
-    _ok(train_cli([*policy, f"hydra.run.dir={runs}/whole"], base))
+    run_in_process(with_paths(compose(policy), base))  # one process, uninterrupted, here
     whole = _weights(base / "artifacts" / "reviews" / "policy")
     quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     first = [*policy, *DDP, f"hydra.run.dir={runs}/crash/first"]

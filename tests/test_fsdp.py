@@ -18,12 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, compose, train_cli
+from helpers import TINY, compose, train_cli, with_paths
 from hydra.utils import instantiate
 from test_ddp import _max_diff, _metrics, _ok, _weights
 
 from rlhf_lightning.errors import ConfigError
 from rlhf_lightning.fsdp2 import FSDP2Strategy, check_fsdp2
+from rlhf_lightning.run import run as run_in_process
 
 TOL = 1e-5
 BASE = [*TINY, "callbacks=none", "rm.batch_size=16", "policy.prompts_per_step=8"]
@@ -80,6 +81,46 @@ def _one_sync_per_step(ranks: list[dict], micro: int) -> None:
     assert [b["backward"] for b in ranks[0]["batches"]] == [
         b["backward"] for b in ranks[1]["batches"]
     ]
+
+
+def test_a_sharded_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    """`FSDP2Strategy.save_checkpoint` with shards: Lightning's writer (here a stand-in that writes
+    a shard, then `meta.pt`, into the folder it is given) writes beside `last.ckpt`, so a save
+    killed midway leaves the last complete checkpoint as it was; `ckpt_path=last` finds
+    `last.ckpt.previous` when a kill falls between the swap's two renames."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from rlhf_lightning.resume import resolve_checkpoints
+
+    def write(self, checkpoint, filepath, storage_options=None):
+        folder = Path(filepath)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "__0_0.distcp").write_text(str(checkpoint["step"]))
+        if checkpoint.get("killed"):
+            raise KeyboardInterrupt  # the process dies before meta.pt
+        torch.save({"global_step": checkpoint["step"]}, folder / "meta.pt")
+
+    monkeypatch.setattr(ModelParallelStrategy, "save_checkpoint", write)
+    strategy = FSDP2Strategy(save_distributed_checkpoint=True)
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "policy" / "last.ckpt"
+
+    def step_of(folder: Path) -> int:
+        step = torch.load(folder / "meta.pt", weights_only=True)["global_step"]
+        assert (folder / "__0_0.distcp").read_text() == str(step)  # shards of the same step
+        return step
+
+    strategy.save_checkpoint({"step": 2}, last)
+    with pytest.raises(KeyboardInterrupt):
+        strategy.save_checkpoint({"step": 4, "killed": True}, last)
+    assert step_of(last) == 2
+    assert resolve_checkpoints("last", ["policy"], run_dir) == {"policy": str(last)}
+    strategy.save_checkpoint({"step": 6}, last)
+    assert step_of(last) == 6
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+    last.rename(last.with_name("last.ckpt.previous"))  # killed between the two renames
+    found = resolve_checkpoints("last", ["policy"], run_dir)["policy"]
+    assert found.endswith("last.ckpt.previous") and step_of(Path(found)) == 6
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +219,7 @@ def test_fsdp_rloo_killed_and_resumed_from_sharded_checkpoints_equals_one_proces
     policy = [*BASE, "stage=policy", "algo=rloo", "kl_controller=adaptive", "policy.steps=6"]
     policy += ["checkpoint.every_n_train_steps=2"]
     runs = base / "resume"
-    _ok(train_cli([*policy, f"hydra.run.dir={runs}/whole"], base))
+    run_in_process(with_paths(compose(policy), base))  # one process, uninterrupted, here
     whole = _weights(base / "artifacts" / "reviews" / "policy")
     sharded = [*FSDP, "trainer.strategy.save_distributed_checkpoint=true"]
     quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
