@@ -27,7 +27,6 @@ See https://pytorch.org/docs/stable/distributed.fsdp.fully_shard.html.
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,8 +35,8 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from transformers import PreTrainedModel
 
+from rlhf_lightning.artifacts import atomic_directory
 from rlhf_lightning.errors import ConfigError
-from rlhf_lightning.resume import PARTIAL, PREVIOUS
 
 # the cached verdicts of the one-time fast-path probes (models/heads, reward_scores,
 # shared_prefix): False makes every pass call the network's own forward
@@ -66,38 +65,21 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
-        """A sharded checkpoint is put in place whole or not at all. Lightning writes the shards and
-        `meta.pt` into the folder itself, so a process killed mid-save left the only `last.ckpt`
-        a mix of two steps' shards or with a cut `meta.pt`. Here every rank writes into
-        `<path>.partial`, and once all have, rank zero renames the old folder to
-        `<path>.previous`, the new one into place, and removes the old (`resume` reads
-        `.previous` if a kill falls between the two renames)."""
+        """A sharded checkpoint is put in place whole, as artifacts are: every rank writes into the
+        fresh hidden folder of `artifacts.atomic_directory`, which rank zero swaps in as
+        `last.ckpt` in one step once all have written. (Lightning writes into `last.ckpt/` itself,
+        so a process killed mid-save left the only checkpoint a mix of two steps' shards or with
+        a cut `meta.pt`.)"""
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        path = Path(self.broadcast(str(filepath)))
-        partial, previous = (
-            path.with_name(path.name + PARTIAL),
-            path.with_name(path.name + PREVIOUS),
-        )
-        if self.global_rank == 0:
-            shutil.rmtree(partial, ignore_errors=True)  # what a killed save left
-        self.barrier()
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        self.barrier()  # every rank's shard and rank zero's meta.pt are written
-        if self.global_rank == 0:
-            if path.exists():
-                _remove(previous)
-                path.rename(previous)
-            partial.rename(path)
-            _remove(previous)
-        self.barrier()
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
+        with contextlib.ExitStack() as swap:
+            folder = None
+            if self.global_rank == 0:
+                folder = str(swap.enter_context(atomic_directory(Path(filepath))))
+            folder = self.broadcast(folder)
+            super().save_checkpoint(checkpoint, folder, storage_options)
+            self.barrier()  # every rank's shard and rank zero's meta.pt are written
+        self.barrier()  # swapped in before any rank goes on
 
 
 def is_fsdp2(trainer) -> bool:

@@ -33,9 +33,6 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from rlhf_lightning.errors import ArtifactError, ConfigError
 
 LAST = "last.ckpt"
-# a sharded checkpoint being written, and the one it replaces while the two are swapped
-# (`fsdp2.FSDP2Strategy.save_checkpoint`): `last.ckpt.previous` stands in for a missing `last.ckpt`
-PARTIAL, PREVIOUS = ".partial", ".previous"
 _RESUME_FIX = "give a run directory, a .ckpt file or `last`, or leave ckpt_path unset to start anew"
 
 
@@ -120,14 +117,8 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def _stage_checkpoints(run_dir: Path, stages: list[str]) -> dict[str, str]:
-    found = {}
-    for stage in stages:
-        last = checkpoint_dir(run_dir, stage) / LAST
-        for path in (last, last.with_name(LAST + PREVIOUS)):  # see PREVIOUS
-            if is_checkpoint(path):
-                found[stage] = str(path)
-                break
-    return found
+    files = {stage: checkpoint_dir(run_dir, stage) / LAST for stage in stages}
+    return {stage: str(path) for stage, path in files.items() if is_checkpoint(path)}
 
 
 # ---- RNG state ----------------------------------------------------------------------------------

@@ -85,9 +85,9 @@ def _one_sync_per_step(ranks: list[dict], micro: int) -> None:
 
 def test_a_sharded_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
     """`FSDP2Strategy.save_checkpoint` with shards: Lightning's writer (here a stand-in that writes
-    a shard, then `meta.pt`, into the folder it is given) writes beside `last.ckpt`, so a save
-    killed midway leaves the last complete checkpoint as it was; `ckpt_path=last` finds
-    `last.ckpt.previous` when a kill falls between the swap's two renames."""
+    a shard, then `meta.pt`, into the folder it is given) writes into a hidden folder swapped in
+    as `last.ckpt` in one step, so a save killed midway leaves the last complete checkpoint as it
+    was, `ckpt_path=last` finds it, and the next save clears what the killed one left."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     from rlhf_lightning.resume import resolve_checkpoints
@@ -117,10 +117,8 @@ def test_a_sharded_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_p
     assert resolve_checkpoints("last", ["policy"], run_dir) == {"policy": str(last)}
     strategy.save_checkpoint({"step": 6}, last)
     assert step_of(last) == 6
-    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
-    last.rename(last.with_name("last.ckpt.previous"))  # killed between the two renames
-    found = resolve_checkpoints("last", ["policy"], run_dir)["policy"]
-    assert found.endswith("last.ckpt.previous") and step_of(Path(found)) == 6
+    live = last.resolve()
+    assert [p for p in last.parent.iterdir() if p.is_dir() and p != last] == [live]  # no strays
 
 
 @pytest.fixture(scope="module")
