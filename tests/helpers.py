@@ -105,21 +105,32 @@ def python_without(script: str, modules: tuple[str, ...]) -> list[str]:
     return [sys.executable, "-c", code]
 
 
-def train_cli(
-    args: list[str], root: Path, timeout: float = 300, without: tuple[str, ...] = ()
+def script_cli(
+    script: str,
+    args: list[str],
+    root: Path,
+    timeout: float = 300,
+    env: dict | None = None,
+    without: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
-    """Run `python train.py <args> paths.root_dir=<root>` from the repo root, offline (`without`:
-    modules it may not import, see `python_without`)."""
-    env = {**os.environ, **OFFLINE_ENV}
-    python = python_without("train.py", without) if without else [sys.executable, "train.py"]
+    """Run `python <script> <args> paths.root_dir=<root>` (train.py, eval.py) from the repo root,
+    offline, with `env` added (`without`: modules it may not import, see `python_without`)."""
+    python = python_without(script, without) if without else [sys.executable, script]
     return subprocess.run(
         [*python, *args, f"paths.root_dir={root}"],
         cwd=REPO,
-        env=env,
+        env={**os.environ, **OFFLINE_ENV, **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def train_cli(
+    args: list[str], root: Path, timeout: float = 300, without: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """`python train.py <args> paths.root_dir=<root>` (see `script_cli`)."""
+    return script_cli("train.py", args, root, timeout, without=without)
 
 
 # ---- wandb run files ---------------------------------------------------------------------------

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import OFFLINE_ENV, REPO, compose, train_cli
+from helpers import compose, script_cli, train_cli
 from hydra.utils import instantiate
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -358,12 +355,13 @@ def test_policy_recipe_runs_ppo_from_the_checkpoint_and_eval_py_reads_it(rm_root
     assert_from_the_checkpoint(
         rm_root / "artifacts/chat/policy", proc.stdout + proc.stderr, smollm2
     )
-    evaluation = subprocess.run(
-        [sys.executable, "eval.py", "task=chat", "model=smollm2", *TOY_TASK_CLI,
-         f"paths.root_dir={rm_root}", "n_prompts=2", "samples_per_prompt=2",
-         "generation.max_new_tokens=6", "best_of_n.enabled=false", "logger=none"],
-        cwd=REPO, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    evaluation = script_cli(
+        "eval.py",
+        ["task=chat", "model=smollm2", *TOY_TASK_CLI, "n_prompts=2", "samples_per_prompt=2"]
+        + ["generation.max_new_tokens=6", "best_of_n.enabled=false", "logger=none"],
+        rm_root,
+        timeout=600,
+    )
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     assert "[shared-prefix]" not in evaluation.stdout + evaluation.stderr
     report = json.loads(next((rm_root / "outputs" / "eval").glob("*/eval.json")).read_text())

@@ -7,9 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,13 +14,12 @@ import numpy as np
 import pytest
 from helpers import (
     HEAVY,
-    OFFLINE_ENV,
     REPO,
     TINY_MODEL,
     TINY_TASK,
     TINY_TRAINING,
-    python_without,
     read_wandb_history,
+    script_cli,
 )
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -220,25 +216,13 @@ def test_checkpoint_arguments_are_read_as_checkpoint_keys():
 # ---- end to end on tiny artifacts ---------------------------------------------------------------
 
 
-def _cli(script: str, args: list[str], root: Path, env: dict | None = None, without=()):
-    python = python_without(script, without) if without else [sys.executable, script]
-    return subprocess.run(
-        [*python, *args, f"paths.root_dir={root}"],
-        cwd=REPO,
-        env={**os.environ, **OFFLINE_ENV, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A TINY `python train.py` pipeline with the default logger (wandb, offline) and a fresh
     matplotlib cache: its artifacts for the tests below, and what it printed."""
     root = tmp_path_factory.mktemp("eval_root")
     args = [*TINY_TASK, *TINY_MODEL, *(a for a in TINY_TRAINING if a != "logger=csv")]
-    proc = _cli("train.py", args, root, {"MPLCONFIGDIR": str(root / "mplconfig")})
+    proc = script_cli("train.py", args, root, env={"MPLCONFIGDIR": str(root / "mplconfig")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, proc
 
@@ -282,7 +266,7 @@ def test_default_train_run_is_quiet_and_names_what_to_open(trained):
 @pytest.mark.slow
 def test_eval_cli_reports_policy_against_sft(trained):
     root, _ = trained
-    proc = _cli("eval.py", TINY_EVAL, root)
+    proc = script_cli("eval.py", TINY_EVAL, root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "DeprecationWarning" not in proc.stderr and "FutureWarning" not in proc.stderr
     assert "| policy over reference |" in proc.stdout and "wandb sync " in proc.stdout
@@ -441,7 +425,7 @@ def test_missing_policy_artifact_names_the_command(tmp_path):
 
 @pytest.mark.slow
 def test_eval_cli_error_is_one_line_with_exit_code_2(tmp_path):
-    proc = _cli("eval.py", ["logger=none", *TINY_TASK], tmp_path)
+    proc = script_cli("eval.py", ["logger=none", *TINY_TASK], tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: missing policy artifact")
     assert "python train.py" in proc.stderr and "Traceback" not in proc.stderr
@@ -451,7 +435,7 @@ def test_eval_cli_error_is_one_line_with_exit_code_2(tmp_path):
 def test_a_bad_eval_value_fails_before_torch_is_imported(tmp_path):
     """eval.py checks its config before torch, transformers or Lightning are imported (here they
     cannot be): one line, exit 2, nothing evaluated."""
-    proc = _cli("eval.py", ["logger=none", "samples_per_prompt=0"], tmp_path, without=HEAVY)
+    proc = script_cli("eval.py", ["logger=none", "samples_per_prompt=0"], tmp_path, without=HEAVY)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip() == (
         "error: samples_per_prompt=0 is invalid: expected an integer > 0"
