@@ -29,7 +29,7 @@ eval: install
 # The suite in TEST_WORKERS processes (pytest-xdist), a test file per worker at a time (module
 # fixtures built once); each test runs torch on one thread (tests/conftest.py), so two workers use
 # the two cores of the machine CI runs on: 21 min 39 s serial, 10 min 52 s with two (739 tests,
-# AVX-512 CPU); 19 min 17 s with two on an AVX2-only CPU (760 tests).
+# AVX-512 CPU); 19 min 17 s with two on an AVX2-only CPU, 8 min 44 s on an AMX CPU (760 tests).
 # TEST_WORKERS=0 runs it in one process. --durations: the 20 slowest tests, so CI's log shows
 # where the time goes.
 TEST_WORKERS ?= 2
