@@ -20,7 +20,9 @@ from rlhf_lightning.choices import (
     DECAY_EXCLUSIONS,
     DPO_LOSSES,
     DTYPES,
+    KEEP,
     KL_ESTIMATORS,
+    MONITORS,
     STAGES,
 )
 from rlhf_lightning.errors import ConfigError
@@ -126,6 +128,8 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
     ("rm.init_from_sft", lambda x: isinstance(x, bool), "true or false"),
     ("rm.score_init_std", lambda x: x is None or _non_negative(x), "null or a number >= 0"),
     ("rm.trainable_layers", _null_or_positive_int, "null or an integer >= 1"),
+    ("rm.keep", lambda x: x in KEEP, f"one of {list(KEEP)}"),
+    ("rm.monitor", lambda x: x in MONITORS, f"one of {list(MONITORS)}"),
     (
         "rm.module.no_decay",
         lambda x: OmegaConf.is_list(x) and set(x) <= set(DECAY_EXCLUSIONS),
@@ -219,6 +223,13 @@ def _check_combinations(cfg: DictConfig) -> None:
 
         lora_settings(lora)  # one ConfigError line naming model.lora.<key>
     _check_rm_speed_options(cfg)
+    strategy = _get(cfg, "trainer.strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, dict) else strategy
+    if _get(cfg, "rm.keep") == "best" and "fsdp" in str(target).lower():
+        raise ConfigError(  # stages.common.check_keep refuses it again for a strategy object
+            "rm.keep=best is not supported under FSDP (sharded weights): use rm.keep=last, or "
+            "trainer=ddp"
+        )
     if name == "exact" and "policy" in (_get(cfg, "stage.stages") or []):
         target = str(_get(cfg, "task._target_"))
         if (

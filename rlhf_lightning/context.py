@@ -76,16 +76,21 @@ class RunContext:
             quiet_resume_warnings()
         return path
 
-    def trainer(self, stage: str, **overrides) -> L.Trainer:
+    def trainer(self, stage: str, keep: L.Callback | None = None, **overrides) -> L.Trainer:
+        """The stage's Trainer: the config's callbacks, checkpoints and logger; `keep`: a stage's
+        own ModelCheckpoint (the best validated weights, `stages.common.best_weights`)."""
         nodes = (self.cfg.get("callbacks") or {}).values()  # an experiment may size a callback
         callbacks = [instantiate(c) for c in nodes if "_target_" in c]  # that callbacks=none drops
         callbacks = [c for c in callbacks if stage in getattr(c, "stages", (stage,))]
         if self.cfg.get("checkpoint") is None:  # checkpoint=null: no Lightning checkpoint (the
-            overrides["enable_checkpointing"] = False  # artifact is still saved): 1.6 GB less per
-            checkpoints = []  # SmolLM2 stage, and this run leaves nothing to resume from
+            checkpoints = []  # artifact is still saved): 1.6 GB less per SmolLM2 stage, and this
+            if keep is None:  # run leaves nothing to resume from
+                overrides["enable_checkpointing"] = False
         else:
             dirpath = checkpoint_dir(self.output_dir, stage)  # checkpoints/<stage>/last.ckpt
             checkpoints = [instantiate(self.cfg.checkpoint, dirpath=str(dirpath))]
+        if keep is not None:
+            checkpoints.append(keep)
         if self.cfg.trainer.get("enable_progress_bar", True):
             callbacks.append(progress_bar())  # "Epoch 0 · ≤ 60 steps", not Lightning's "0/-2"
         trainer = instantiate(

@@ -345,6 +345,9 @@ BAD_VALUES = [
     (["sft.max_tokens_per_micro_batch=2.5"], "sft.max_tokens_per_micro_batch"),
     (["policy.forward_batch_size=-1"], "policy.forward_batch_size"),
     (["model.gradient_checkpointing=3"], "model.gradient_checkpointing"),
+    (["rm.keep=first"], "rm.keep"),
+    (["rm.monitor=val/margin"], "rm.monitor"),
+    (["trainer=fsdp", "rm.keep=best"], "rm.keep=best"),
 ]
 
 

@@ -203,6 +203,27 @@ def test_rm_stage_two_processes_equal_one(base, monkeypatch):
         assert max(abs(a - b) for a, b in zip(one[key], two[key])) < TOL, key
 
 
+@pytest.mark.slow
+def test_rm_keep_best_two_processes_equal_one(tmp_path):
+    """rm.keep=best under DDP: both ranks reload best.ckpt after `fit` and validate it again; the
+    kept validation, its weights and its metrics are one process's (six epochs of lr 1e-3: the
+    best validation is not the last)."""
+    args = [*BASE, "stage=rm", "rm.keep=best", "rm.max_epochs=6"]
+    manifests, weights = [], []
+    for name, extra in (("one", []), ("two", DDP)):
+        where = [f"paths.artifacts_dir={tmp_path / name}", f"hydra.run.dir={tmp_path / name}"]
+        _ok(train_cli([*args, *extra, *where], tmp_path))
+        artifact = tmp_path / name / "reviews" / "rm"
+        manifests.append(json.loads((artifact / "rlhf_artifact.json").read_text()))
+        weights.append(_weights(artifact))
+    one, two = manifests
+    assert one["kept"]["step"] == two["kept"]["step"] < one["kept"]["steps"], one["kept"]
+    assert _max_diff(*weights) < TOL
+    for key in ("val/loss", "val/accuracy", "val/margin"):
+        assert abs(one["metrics"][key] - two["metrics"][key]) < TOL, key
+    assert one["metrics"]["val/loss"] == pytest.approx(one["kept"]["score"], abs=1e-6)
+
+
 def _policy_pair(
     base: Path, name: str, extra: list[str], ddp_extra: tuple[str, ...] = ()
 ) -> tuple[dict, dict, Path, Path]:

@@ -95,6 +95,11 @@ def test_validation_metrics_recomputed_from_the_artifact(rm_run):
     """val/* logged during training = the saved model's scores on prefs_val.jsonl (max_length 128
     truncates none of the tiny task's pairs)."""
     cfg, _, artifact = rm_run
+    assert_manifest_metrics_are_the_artifacts(cfg, artifact)
+
+
+def assert_manifest_metrics_are_the_artifacts(cfg, artifact: Path) -> None:
+    """The manifest's val/* and reward statistics = the saved model's scores on prefs_val.jsonl."""
     rows = read_jsonl(Path(cfg.paths.data_dir) / "reviews" / "prefs_val.jsonl")
     prompts = [r["prompt"] for r in rows]
     chosen = transformers_scores(artifact, prompts, [r["chosen"] for r in rows])
@@ -113,6 +118,59 @@ def test_validation_metrics_recomputed_from_the_artifact(rm_run):
         assert metrics[key] == pytest.approx(float(value), abs=1e-5), key
     assert stats["mean"] == pytest.approx(float(both.mean()), abs=1e-5)
     assert stats["std"] == pytest.approx(float(both.std(unbiased=False)), abs=1e-5)
+
+
+def logged_validations(cfg) -> list[dict]:
+    """The val/* rows of the run's CSV log, in order."""
+    with open(Path(cfg.paths.output_dir) / "csv" / "rm" / "metrics.csv") as f:
+        return [row for row in csv.DictReader(f) if row.get("val/loss")]
+
+
+def test_keep_best_saves_the_weights_of_the_best_validation(tiny_cfg):
+    """rm.keep=best: of six validations the artifact holds the one with the lowest val/loss (here
+    not the last: lr 1e-3 for six epochs overfits the 256 pairs), validated again — its manifest
+    metrics are the saved model's own scores — and the manifest names its step. The logged
+    curve stays training's (no row for the re-validation); last.ckpt keeps best.ckpt's path and
+    score for a resumed run."""
+    cfg = tiny_cfg.copy()
+    cfg.rm.max_epochs, cfg.rm.keep = 6, "best"
+    run(cfg)
+    artifact = Path(cfg.paths.artifacts_dir) / "reviews" / "rm"
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    logged = logged_validations(cfg)
+    losses = [float(row["val/loss"]) for row in logged]
+    assert len(losses) == 6  # one per epoch, none for the re-validation
+    best = min(range(6), key=losses.__getitem__)
+    assert best != 5, losses  # the case keep=best exists for: the last is not the best
+    per_epoch = math.ceil(256 / 32)
+    kept = manifest["kept"]
+    assert kept == {
+        "weights": "best",
+        "monitor": "val/loss",
+        "score": pytest.approx(losses[best], abs=1e-6),
+        "step": (best + 1) * per_epoch,
+        "steps": 6 * per_epoch,
+    }
+    assert manifest["metrics"]["val/loss"] == pytest.approx(losses[best], abs=1e-5)
+    assert manifest["metrics"]["val/accuracy"] == pytest.approx(float(logged[best]["val/accuracy"]))
+    assert_manifest_metrics_are_the_artifacts(cfg, artifact)
+    checkpoints = Path(cfg.paths.output_dir) / "checkpoints" / "rm"
+    state = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    (keeper,) = [v for k, v in state["callbacks"].items() if "'monitor': 'val/loss'" in k]
+    assert Path(keeper["best_model_path"]) == checkpoints / "best.ckpt"
+    assert float(keeper["best_model_score"]) == pytest.approx(losses[best], abs=1e-6)
+
+
+def test_keep_best_monitors_accuracy_upwards(tiny_cfg):
+    """rm.monitor=val/accuracy keeps the first validation with the highest accuracy."""
+    cfg = tiny_cfg.copy()
+    cfg.rm.max_epochs, cfg.rm.keep, cfg.rm.monitor = 3, "best", "val/accuracy"
+    run(cfg)
+    accuracies = [float(row["val/accuracy"]) for row in logged_validations(cfg)]
+    manifest = json.loads((Path(cfg.paths.artifacts_dir) / "reviews" / "rm" / MANIFEST).read_text())
+    first_best = accuracies.index(max(accuracies))
+    assert manifest["kept"]["step"] == (first_best + 1) * math.ceil(256 / 32)
+    assert manifest["metrics"]["val/accuracy"] == pytest.approx(max(accuracies))
 
 
 def test_training_loss_logged_every_step(rm_run):

@@ -11,8 +11,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from rlhf_lightning.artifacts import content_hash, require_artifact, save_model_artifact
+from rlhf_lightning.choices import MONITORS
 from rlhf_lightning.errors import ConfigError
 from rlhf_lightning.models.lora import export_for_saving
+from rlhf_lightning.resume import SafeCheckpointIO, checkpoint_dir
 from rlhf_lightning.sharding import gathered_weights, is_sharded
 
 REFERENCES = ("sft", "checkpoint")
@@ -76,6 +78,69 @@ def validation_metrics(trainer, module, datamodule) -> dict[str, float]:
     if "val/loss" not in trainer.callback_metrics and not is_sharded(trainer):
         trainer.validate(module, datamodule=datamodule, verbose=False)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+
+def best_weights(ctx, stage: str, keep: str, monitor: str):
+    """keep=best: a ModelCheckpoint that writes the weights of the best validation so far (lowest
+    val/loss, highest val/accuracy) to checkpoints/<stage>/best.ckpt — weights only (4 bytes a
+    parameter), written atomically by Lightning, its path and score kept in last.ckpt so a resumed
+    run still knows it. keep=last: None (the artifact holds the weights training ended with)."""
+    if keep == "last":
+        return None
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return ModelCheckpoint(
+        dirpath=str(checkpoint_dir(ctx.output_dir, stage)),
+        filename="best",
+        monitor=monitor,
+        mode=MONITORS[monitor],
+        save_top_k=1,
+        save_weights_only=True,
+        save_on_train_epoch_end=False,  # at each validation's end: the weights it scored
+        enable_version_counter=False,  # one best.ckpt, replaced
+    )
+
+
+def check_keep(trainer, stage: str, keeper) -> None:
+    """Refuse keep=best before training where the weights are sharded (FSDP): a sharded
+    best.ckpt could not be loaded back into the module and validated after `fit`."""
+    if keeper is not None and is_sharded(trainer):
+        raise ConfigError(
+            f"{stage}.keep=best is not supported under FSDP (sharded weights): use "
+            f"{stage}.keep=last, or trainer=ddp"
+        )
+
+
+def restore_best(trainer, module, datamodule, keeper, stage: str) -> dict | None:
+    """Load best.ckpt's weights into `module` (every rank) and validate them again (not logged),
+    so the stage's val/* metrics and the module's statistics are those of the kept weights. Returns
+    what the manifest records ({weights, monitor, score, step, steps}); None with keep=last or
+    when no validation ran (the last weights stay)."""
+    if keeper is None:
+        return None
+    if not keeper.best_model_path:
+        print(f"[{stage}] keep=best: no validation ran, so the artifact holds the last weights")
+        return None
+    checkpoint = SafeCheckpointIO().load_checkpoint(keeper.best_model_path, map_location="cpu")
+    module.load_state_dict(checkpoint["state_dict"])
+    steps, loggers = trainer.global_step, trainer.loggers
+    trainer.loggers = []  # the logged curves stay training's; the manifest says what was kept
+    try:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    finally:
+        trainer.loggers = loggers
+    kept = {
+        "weights": "best",
+        "monitor": keeper.monitor,
+        "score": float(keeper.best_model_score),
+        "step": int(checkpoint["global_step"]),
+        "steps": int(steps),
+    }
+    print(
+        f"[{stage}] keep=best: the weights of step {kept['step']} of {steps} "
+        f"({kept['monitor']}={kept['score']:.4g}, the best validation)"
+    )
+    return kept
 
 
 @contextlib.contextmanager

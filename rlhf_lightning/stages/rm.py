@@ -10,12 +10,20 @@ from rlhf_lightning.artifacts import require_artifact
 from rlhf_lightning.data.preference import PreferenceDataModule
 from rlhf_lightning.models.factory import train_top_layers
 from rlhf_lightning.models.lora import lora_settings, reward_model_with_lora
-from rlhf_lightning.stages.common import rank_zero_work, save_stage_artifact, validation_metrics
+from rlhf_lightning.stages.common import (
+    best_weights,
+    check_keep,
+    rank_zero_work,
+    restore_best,
+    save_stage_artifact,
+    validation_metrics,
+)
 
 
 def run_rm(ctx) -> dict:
     """Bradley–Terry training; the artifact's manifest records the mean/std of validation rewards
-    and the max_length it trained at (the reward scores at it)."""
+    and the max_length it trained at (the reward scores at it). rm.keep=best: the artifact holds
+    the weights of the best validation (rm.monitor), validated again, the manifest says which."""
     cfg = ctx.cfg.rm
     datamodule = PreferenceDataModule(
         ctx.data,
@@ -29,8 +37,11 @@ def run_rm(ctx) -> dict:
     module = instantiate(
         cfg.module, reward_model=reward_model, bayes_accuracy=ctx.data.bayes_accuracy("val")
     )
-    trainer = ctx.trainer("rm", max_epochs=cfg.max_epochs)
+    keeper = best_weights(ctx, "rm", cfg.get("keep", "last"), cfg.get("monitor", "val/loss"))
+    trainer = ctx.trainer("rm", keep=keeper, max_epochs=cfg.max_epochs)
+    check_keep(trainer, "rm", keeper)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ctx.ckpt_path("rm"))
+    kept = restore_best(trainer, module, datamodule, keeper, "rm")  # keep=best: reload, validate
     metrics = validation_metrics(trainer, module, datamodule)
     result = {
         "accuracy": metrics.get("val/accuracy", float("nan")),
@@ -47,6 +58,8 @@ def run_rm(ctx) -> dict:
                 "metrics": metrics,
                 "max_length": int(cfg.max_length),
             }
+            if kept is not None:  # rm.keep=best: which validation's weights these are
+                manifest["kept"] = kept
             save_stage_artifact(ctx, "rm", reward_model, manifest, result)  # rm.lora merged in
     return result
 
