@@ -260,6 +260,22 @@ def test_rm_resumes_exactly_after_a_crash(rm_whole, crash, tmp_path):
     assert min(resumed) == crash - 1 and resumed == {s: whole[s] for s in resumed}  # same batches
 
 
+def test_rm_keep_best_resumed_in_a_new_run_keeps_the_earlier_best(tmp_path):
+    """rm.keep=best, crashed after its best validation (step 24 of 48, as in test_rm_stage) and
+    resumed with `ckpt_path=last` in a new run dir: the later, worse validations do not replace
+    the crashed run's best.ckpt, so the artifact is the uninterrupted run's, bitwise."""
+    keep = [*RM_RESUME, "rm.max_epochs=6", "rm.keep=best"]
+    run(cfg_in(keep, tmp_path / "whole", "whole"))
+    whole = read_manifest(tmp_path / "whole" / ARTIFACT)
+    assert whole["kept"]["step"] < 29 < whole["kept"]["steps"], whole["kept"]  # crash after it
+    with crash_at(RewardModelModule, 29), pytest.raises(RuntimeError, match="injected"):
+        run(cfg_in(keep, tmp_path, "crashed"))
+    run(cfg_in([*keep, "ckpt_path=last"], tmp_path, "resumed"))
+    assert content_hash(tmp_path / ARTIFACT) == content_hash(tmp_path / "whole" / ARTIFACT)
+    assert read_manifest(tmp_path / ARTIFACT) == whole
+    assert not (tmp_path / "outputs" / "resumed" / "checkpoints" / "rm" / "best.ckpt").exists()
+
+
 INJECT = """
 import os, sys, time
 from rlhf_lightning.modules.reward_model import RewardModelModule as M

@@ -87,9 +87,7 @@ def best_weights(ctx, stage: str, keep: str, monitor: str):
     run still knows it. keep=last: None (the artifact holds the weights training ended with)."""
     if keep == "last":
         return None
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    return ModelCheckpoint(
+    return _best_checkpoint_class()(
         dirpath=str(checkpoint_dir(ctx.output_dir, stage)),
         filename="best",
         monitor=monitor,
@@ -99,6 +97,25 @@ def best_weights(ctx, stage: str, keep: str, monitor: str):
         save_on_train_epoch_end=False,  # at each validation's end: the weights it scored
         enable_version_counter=False,  # one best.ckpt, replaced
     )
+
+
+def _best_checkpoint_class():
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class BestWeights(ModelCheckpoint):
+        """ModelCheckpoint that, resumed into a new run dir (`ckpt_path=last` opens one), still
+        knows the best score so far — Lightning reloads only the path when the folder changed,
+        and the first validation after the resume would then replace a better best.ckpt."""
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            super().load_state_dict(state_dict)
+            if state_dict.get("best_model_path"):  # the previous run's best.ckpt stays where it is
+                self.best_model_score = state_dict["best_model_score"]
+                self.best_k_models = dict(state_dict.get("best_k_models", {}))
+                self.kth_best_model_path = state_dict.get("kth_best_model_path", "")
+                self.kth_value = state_dict.get("kth_value", self.kth_value)
+
+    return BestWeights
 
 
 def check_keep(trainer, stage: str, keeper) -> None:
