@@ -127,6 +127,7 @@ RULES: list[tuple[str, Callable[[object], bool], str]] = [
     ("rm.length_group", _positive_int, "an integer > 0 (1: a plain shuffle)"),
     ("rm.init_from_sft", lambda x: isinstance(x, bool), "true or false"),
     ("rm.score_init_std", lambda x: x is None or _non_negative(x), "null or a number >= 0"),
+    ("rm.num_layers", _null_or_positive_int, "null or an integer >= 1"),
     ("rm.trainable_layers", _null_or_positive_int, "null or an integer >= 1"),
     ("rm.keep", lambda x: x in KEEP, f"one of {list(KEEP)}"),
     ("rm.monitor", lambda x: x in MONITORS, f"one of {list(MONITORS)}"),

@@ -322,6 +322,26 @@ def train_top_layers(model: PreTrainedModel, layers: int) -> PreTrainedModel:
     return model
 
 
+def keep_bottom_layers(model: PreTrainedModel, layers: int) -> PreTrainedModel:
+    """Drop all but the bottom `layers` transformer blocks (in place): the final norm and the
+    heads then read block `layers`' output. The config says `num_hidden_layers=layers` (and keeps
+    as many `layer_types`), so the saved model loads with transformers as it is, and every forward
+    and backward runs `layers` blocks instead of all. A middle layer's features, not the last
+    (tuned to predict the next token), are often what a classifier on them reads best."""
+    blocks = transformer_blocks(model)
+    if not 0 < layers <= len(blocks):
+        raise ConfigError(
+            f"rm.num_layers={layers} is invalid: this model has {len(blocks)} layers "
+            f"(use 1..{len(blocks)}, or null to keep all)"
+        )
+    del blocks[layers:]
+    config = model.config.get_text_config()
+    config.num_hidden_layers = layers
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:layers]
+    return model
+
+
 def transformer_blocks(model: PreTrainedModel) -> torch.nn.ModuleList:
     """The backbone's list of transformer blocks (the ModuleList of num_hidden_layers modules)."""
     depth = model.config.get_text_config().num_hidden_layers

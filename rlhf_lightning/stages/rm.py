@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from rlhf_lightning.artifacts import require_artifact
 from rlhf_lightning.data.preference import PreferenceDataModule
-from rlhf_lightning.models.factory import train_top_layers
+from rlhf_lightning.models.factory import keep_bottom_layers, train_top_layers
 from rlhf_lightning.models.lora import lora_settings, reward_model_with_lora
 from rlhf_lightning.stages.common import (
     best_weights,
@@ -67,6 +67,7 @@ def run_rm(ctx) -> dict:
 def initial_reward_model(ctx):
     """The network the RM stage starts from: the spec's model, or with `rm.init_from_sft` the SFT
     artifact's backbone under a new score head; `rm.score_init_std` re-draws the head.
+    `rm.num_layers` keeps only the bottom blocks (the head reads a middle layer);
     `rm.trainable_layers` freezes all but the top blocks; `rm.lora` trains an adapter instead."""
     cfg = ctx.cfg.rm
     if cfg.init_from_sft:
@@ -76,6 +77,8 @@ def initial_reward_model(ctx):
         model = ctx.model_spec.reward_model(ctx.tokenizer)
     if cfg.score_init_std is not None:
         redraw_score_head(model, cfg.score_init_std)
+    if cfg.get("num_layers") is not None:
+        keep_bottom_layers(model, cfg.num_layers)
     if cfg.get("trainable_layers") is not None:
         train_top_layers(model, cfg.trainable_layers)
     if cfg.get("lora") is not None:
