@@ -14,7 +14,7 @@ DTYPES = ("float32", "bfloat16", "float16")  # torch dtypes by name: models.fact
 # Trainer do: decay shrinks a norm's gain or a bias towards 0, which is not a simpler model, and
 # decays an embedding row at every step whether its token appears in the batch or not
 DECAY_EXCLUSIONS = ("bias", "norm", "embedding")
-# which weights a stage's artifact holds (stages.common.kept_weights): `last` (where training
+# which weights a stage's artifact holds (stages.common.best_weights): `last` (where training
 # ended) or `best` (the validation with the best monitor; the monitor's direction per name)
 KEEP = ("last", "best")
 MONITORS = {"val/loss": "min", "val/accuracy": "max"}

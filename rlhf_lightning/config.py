@@ -224,13 +224,6 @@ def _check_combinations(cfg: DictConfig) -> None:
 
         lora_settings(lora)  # one ConfigError line naming model.lora.<key>
     _check_rm_speed_options(cfg)
-    strategy = _get(cfg, "trainer.strategy")
-    target = strategy.get("_target_", "") if isinstance(strategy, dict) else strategy
-    if _get(cfg, "rm.keep") == "best" and "fsdp" in str(target).lower():
-        raise ConfigError(  # stages.common.check_keep refuses it again for a strategy object
-            "rm.keep=best is not supported under FSDP (sharded weights): use rm.keep=last, or "
-            "trainer=ddp"
-        )
     if name == "exact" and "policy" in (_get(cfg, "stage.stages") or []):
         target = str(_get(cfg, "task._target_"))
         if (

@@ -347,7 +347,6 @@ BAD_VALUES = [
     (["model.gradient_checkpointing=3"], "model.gradient_checkpointing"),
     (["rm.keep=first"], "rm.keep"),
     (["rm.monitor=val/margin"], "rm.monitor"),
-    (["trainer=fsdp", "rm.keep=best"], "rm.keep=best"),
 ]
 
 

@@ -210,3 +210,15 @@ def test_train_py_runs_the_rm_stage(tmp_path):
     assert out_dir.is_dir() and out_dir.parent == (tmp_path / "outputs" / "rm").resolve()
     assert (out_dir / ".hydra" / "config.yaml").is_file()
     assert (artifact / "model.safetensors").is_file()
+
+
+@pytest.mark.slow  # a subprocess: train.py as a user runs it
+def test_keep_best_under_fsdp_is_refused_before_training(tmp_path):
+    """A sharded best.ckpt could not be reloaded and validated: refused in one line once the
+    Trainer is built (as ZeRO-3 is), before any step, and nothing is saved."""
+    args = ["stage=rm", *TINY, "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    result = train_cli([*args, "rm.keep=best"], tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "rm.keep=best is not supported under FSDP" in result.stderr, result.stderr[-2000:]
+    assert "train/loss" not in result.stdout
+    assert not (tmp_path / "artifacts" / "reviews" / "rm").exists()

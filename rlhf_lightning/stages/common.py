@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from rlhf_lightning.artifacts import content_hash, require_artifact, save_model_artifact
@@ -80,14 +81,29 @@ def validation_metrics(trainer, module, datamodule) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
 
-def best_weights(ctx, stage: str, keep: str, monitor: str):
-    """keep=best: a ModelCheckpoint that writes the weights of the best validation so far (lowest
-    val/loss, highest val/accuracy) to checkpoints/<stage>/best.ckpt — weights only (4 bytes a
-    parameter), written atomically by Lightning, its path and score kept in last.ckpt so a resumed
-    run still knows it. keep=last: None (the artifact holds the weights training ended with)."""
+class BestWeights(ModelCheckpoint):
+    """ModelCheckpoint that, resumed into a new run dir (`ckpt_path=last` opens one), still knows
+    the best score so far — Lightning reloads only the path when the folder changed, and the first
+    validation after the resume would then replace a better best.ckpt."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if state_dict.get("best_model_path"):  # the previous run's best.ckpt stays where it is
+            self.best_model_score = state_dict["best_model_score"]
+            self.best_k_models = dict(state_dict.get("best_k_models", {}))
+            self.kth_best_model_path = state_dict.get("kth_best_model_path", "")
+            self.kth_value = state_dict.get("kth_value", self.kth_value)
+
+
+def best_weights(ctx, stage: str, keep: str, monitor: str) -> BestWeights | None:
+    """keep=best: a checkpoint callback that writes the weights of the best validation so far
+    (lowest val/loss, highest val/accuracy) to checkpoints/<stage>/best.ckpt — weights only (4
+    bytes a parameter), written atomically by Lightning, its path and score kept in last.ckpt so a
+    resumed run still knows it. keep=last: None (the artifact holds the weights training ended
+    with)."""
     if keep == "last":
         return None
-    return _best_checkpoint_class()(
+    return BestWeights(
         dirpath=str(checkpoint_dir(ctx.output_dir, stage)),
         filename="best",
         monitor=monitor,
@@ -99,28 +115,10 @@ def best_weights(ctx, stage: str, keep: str, monitor: str):
     )
 
 
-def _best_checkpoint_class():
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    class BestWeights(ModelCheckpoint):
-        """ModelCheckpoint that, resumed into a new run dir (`ckpt_path=last` opens one), still
-        knows the best score so far — Lightning reloads only the path when the folder changed,
-        and the first validation after the resume would then replace a better best.ckpt."""
-
-        def load_state_dict(self, state_dict: dict) -> None:
-            super().load_state_dict(state_dict)
-            if state_dict.get("best_model_path"):  # the previous run's best.ckpt stays where it is
-                self.best_model_score = state_dict["best_model_score"]
-                self.best_k_models = dict(state_dict.get("best_k_models", {}))
-                self.kth_best_model_path = state_dict.get("kth_best_model_path", "")
-                self.kth_value = state_dict.get("kth_value", self.kth_value)
-
-    return BestWeights
-
-
 def check_keep(trainer, stage: str, keeper) -> None:
-    """Refuse keep=best before training where the weights are sharded (FSDP): a sharded
-    best.ckpt could not be loaded back into the module and validated after `fit`."""
+    """Refuse keep=best before training (once the Trainer is built, as `sharding.check_strategy`
+    refuses ZeRO-3) where the weights are sharded (FSDP): a sharded best.ckpt could not be loaded
+    back into the module and validated after `fit`."""
     if keeper is not None and is_sharded(trainer):
         raise ConfigError(
             f"{stage}.keep=best is not supported under FSDP (sharded weights): use "
